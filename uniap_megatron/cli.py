@@ -1,0 +1,154 @@
+"""``uniap-megatron``: plan (and later validate, profile, launch) from the command line.
+
+Configuration is Hydra's: ``key=value`` overrides on the embedded configs
+(``hydra_configs/``). Errors in the input end with one paragraph and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from uniap_megatron import __version__
+from uniap_megatron.errors import InputError, UniapError
+
+CONFIG_MODULE = "uniap_megatron.hydra_configs"
+
+
+def compose(overrides: list[str], config_name: str = "config"):
+    """The embedded config with Hydra overrides applied (no working-directory change, no
+    logging setup: only composition)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+            return hydra_compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        text = str(err).strip().splitlines()
+        raise InputError(f"invalid override or config: {' '.join(text[:3])}") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a failure leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_plan(cfg, progress=None):
+    """Plan from a composed config: the library entry point behind ``plan``."""
+    from uniap_megatron.cost.activations import Implementation
+    from uniap_megatron.plan import Plan
+    from uniap_megatron.solver.program import SolverOptions
+    from uniap_megatron.solver.search import SearchOptions, search
+    from uniap_megatron.spec.config import request_from_config
+
+    req = request_from_config(cfg)
+    options = SearchOptions(
+        solver=SolverOptions(name=req.solver.name, time_limit_s=req.solver.time_limit_s),
+        top_k=req.solver.top_k,
+        max_programs=req.solver.max_programs,
+        implementation=Implementation(req.implementation),
+    )
+    result = search(req.model, req.cluster, req.train, req.pins, options, progress=progress)
+    return Plan.from_search(result, req.model, req.cluster, req.train)
+
+
+def _progress_bar(enabled: bool):
+    """A transient progress line on stderr for interactive runs; None otherwise."""
+    if not enabled:
+        return None, None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("searching strategies"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[best]}"), console=Console(stderr=True), transient=True,
+    )
+    task = progress.add_task("search", total=None, best="")
+
+    def update(done: int, total: int, best) -> None:
+        text = f"best {best.estimate.step_time_s:.3f} s ({best.strategy.short()})" if best else ""
+        progress.update(task, completed=done, total=total, best=text)
+
+    return progress, update
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = compose(args.overrides)
+    interactive = sys.stderr.isatty() and not args.quiet
+    progress, update = _progress_bar(interactive)
+    if progress is not None:
+        with progress:
+            plan = make_plan(cfg, progress=update)
+    else:
+        plan = make_plan(cfg)
+    output_dir = cfg.get("output_dir")
+    if output_dir:
+        from uniap_megatron.emit.recipe import recipe_yaml
+
+        out = Path(str(output_dir))
+        _write_atomic(out / "plan.json", plan.to_json(with_timing=False))
+        _write_atomic(out / "recipe.yaml", recipe_yaml(plan))
+    if args.json:
+        sys.stdout.write(plan.to_json())
+    else:
+        from rich.console import Console
+
+        from uniap_megatron.report import render
+
+        console = Console()
+        render(plan, console)
+        if output_dir:
+            console.print(f"Wrote {Path(str(output_dir)) / 'plan.json'} and {Path(str(output_dir)) / 'recipe.yaml'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="uniap-megatron",
+        description="UniAP automatic parallelism for Megatron-LM and NeMo.",
+    )
+    parser.add_argument("--version", action="version", version=f"uniap-megatron {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser(
+        "plan",
+        help="choose TP/PP/VPP/CP/EP/DP, micro-batch, recomputation and the layer layout",
+        description="Plan a Megatron training job. Overrides are Hydra's: model=llama3_70b "
+        "cluster=dgx_h100 cluster.num_nodes=8 train.global_batch_size=512 strategy.tp=4 ...",
+    )
+    plan.add_argument("overrides", nargs="*", help="Hydra overrides, key=value")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object on stdout")
+    plan.add_argument("--quiet", action="store_true", help="no progress display")
+    plan.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UniapError as err:
+        print(f"uniap-megatron: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("uniap-megatron: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Collective times on ring algorithms, and where Megatron's process groups land.
+
+Megatron orders ranks ``tp-cp-ep-dp-pp`` (tensor parallel innermost): a group of ``size``
+ranks spaced ``stride`` apart stays inside a node when ``stride * size <= gpus_per_node``.
+Bandwidths are per GPU, one way; each collective pays ``latency * steps + volume / bw``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from uniap_megatron.spec.cluster import ClusterSpec
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth: float
+    """Achieved bytes per second, one way, per GPU."""
+    latency: float
+    """Seconds per algorithm step."""
+    intra_node: bool
+
+
+def node_link(cluster: ClusterSpec, *, intra_node: bool) -> Link:
+    eff = cluster.comm_efficiency
+    if intra_node:
+        return Link(cluster.intra_node_bandwidth_gbps * 1e9 * eff, cluster.intra_node_latency_us * 1e-6, True)
+    return Link(cluster.inter_node_bandwidth_gbps * 1e9 * eff, cluster.inter_node_latency_us * 1e-6, False)
+
+
+def group_link(cluster: ClusterSpec, *, stride: int, size: int) -> Link:
+    return node_link(cluster, intra_node=stride * size <= cluster.gpus_per_node)
+
+
+def all_gather(nbytes: float, size: int, link: Link) -> float:
+    """Time to all-gather a tensor of ``nbytes`` (the gathered size) over ``size`` ranks."""
+    if size <= 1:
+        return 0.0
+    return (size - 1) * link.latency + (size - 1) / size * nbytes / link.bandwidth
+
+
+def reduce_scatter(nbytes: float, size: int, link: Link) -> float:
+    """Time to reduce-scatter a tensor of ``nbytes`` (the unscattered size)."""
+    return all_gather(nbytes, size, link)
+
+
+def all_reduce(nbytes: float, size: int, link: Link) -> float:
+    if size <= 1:
+        return 0.0
+    return 2 * (size - 1) * link.latency + 2 * (size - 1) / size * nbytes / link.bandwidth
+
+
+def all_to_all(nbytes: float, size: int, link: Link) -> float:
+    """Each rank sends ``nbytes`` in all, a ``1/size`` share to every peer."""
+    if size <= 1:
+        return 0.0
+    return (size - 1) * link.latency + (size - 1) / size * nbytes / link.bandwidth
+
+
+def send_recv(nbytes: float, link: Link) -> float:
+    return link.latency + nbytes / link.bandwidth
+
+
+@dataclass(frozen=True)
+class GroupLinks:
+    """The link each of a strategy's process groups uses."""
+
+    tp: Link
+    cp: Link
+    ep: Link
+    dp: Link
+    edp: Link
+    pp: Link
+    embedding: Link
+
+
+def strategy_links(cluster: ClusterSpec, *, tp: int, cp: int, ep: int, dp: int, pp: int) -> GroupLinks:
+    # Neighbouring pipeline stages are tp*cp*dp ranks apart: the whole pipeline fits in a
+    # node, or some hop crosses nodes and that hop sets the pace.
+    pp_link = group_link(cluster, stride=tp * cp * dp, size=pp)
+    edp = cp * dp // ep
+    return GroupLinks(
+        tp=group_link(cluster, stride=1, size=tp),
+        cp=group_link(cluster, stride=tp, size=cp),
+        ep=group_link(cluster, stride=tp, size=ep),
+        dp=group_link(cluster, stride=tp, size=cp * dp),
+        edp=group_link(cluster, stride=tp * ep, size=edp),
+        pp=pp_link,
+        embedding=pp_link,
+    )

@@ -1,0 +1,286 @@
+"""Cost of every kind of pipeline item under one global strategy: the program's input.
+
+An :class:`ItemCost` is what UniAP profiles per layer and strategy: forward, backward and
+recomputation time of one micro-batch, the parameters one GPU holds, and the activation
+bytes it keeps. The analytical model below fills it from FLOPs, bytes and collectives;
+a measured profile replaces the times and activation bytes it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from uniap_megatron.cost import comm
+from uniap_megatron.cost.activations import ActShape, Implementation, checkpoint_bytes, item_bytes
+from uniap_megatron.cost.flops import Flops, Shape, item_flops
+from uniap_megatron.cost.params import ParamCount, item_params
+from uniap_megatron.space.strategy import Recompute, Strategy
+from uniap_megatron.spec.cluster import ClusterSpec
+from uniap_megatron.spec.model import LayerKind, ModelSpec
+from uniap_megatron.spec.train import Precision, TrainSpec
+
+BF16 = 2
+WEIGHT_BYTES = 2  # bf16 parameters
+GRAD_BYTES = 4  # fp32 main gradients
+ADAM_BYTES = 12  # fp32 master weights, first and second moments
+FP8_WEIGHT_CACHE_BYTES = 2  # fp8 copy and transpose of every GEMM weight (Transformer Engine)
+HBM_EFFICIENCY = 0.8  # memory-bound kernels reach this share of HBM bandwidth
+DDP_BUCKET_PARAMS = 40_000_000  # Megatron's default gradient bucket (grows with dp)
+
+
+@dataclass(frozen=True)
+class PassTime:
+    """Time of one pass (forward or backward) of one micro-batch, by named term."""
+
+    compute: float = 0.0
+    memory_bound: float = 0.0
+    tp_comm: float = 0.0
+    cp_comm: float = 0.0
+    ep_comm: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.memory_bound + self.tp_comm + self.cp_comm + self.ep_comm
+
+
+@dataclass(frozen=True)
+class ItemCost:
+    kind: LayerKind
+    fwd: PassTime
+    bwd: PassTime
+    """Backward, including the attention-core recomputation of selective recompute."""
+    recompute_s: float
+    """Extra time when this item is fully recomputed (its forward again); 0 if never."""
+    params: ParamCount
+    static_bytes: float
+    """Weights, gradients and optimizer state on one GPU."""
+    act_bytes: float
+    """Kept for backward per micro-batch without full recomputation."""
+    ckpt_bytes: float
+    """Kept per micro-batch when fully recomputed (the input of the recomputed group)."""
+    source: str = "analytical"
+
+    @property
+    def time_s(self) -> float:
+        return self.fwd.total + self.bwd.total
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Everything the program and the evaluator need for one global strategy."""
+
+    strategy: Strategy
+    items: dict[LayerKind, ItemCost]
+    p2p_s: float
+    """One activation (or its gradient) sent between neighbouring stages, one micro-batch."""
+    dp_grad_s_per_param: float
+    dp_gather_s_per_param: float
+    edp_grad_s_per_param: float
+    edp_gather_s_per_param: float
+    dp_bucket_s: float
+    """Time of the last gradient bucket plus its parameter gather: never hidden."""
+    optimizer_s_per_param: float
+    optimizer_s_per_expert_param: float
+    embedding_sync_s: float
+    transient_bytes: float
+    """Short-lived memory on top of the saved activations (one recomputed group)."""
+    overhead_s: float
+    num_microbatches: int
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def item(self, kind: LayerKind) -> ItemCost:
+        return self.items[kind]
+
+
+def _compute_time(flops: Flops, cluster: ClusterSpec, precision: Precision) -> float:
+    eff = cluster.gemm_efficiency
+    gemm_peak = cluster.peak_flops(precision.value)
+    return flops.gemm / (gemm_peak * eff) + flops.attention / (cluster.peak_flops("bf16") * eff)
+
+
+def _memory_time(nbytes: float, cluster: ClusterSpec) -> float:
+    return nbytes / (cluster.hbm_bandwidth_gbps * 1e9 * HBM_EFFICIENCY)
+
+
+def _elementwise_bytes(model: ModelSpec, kind: LayerKind, act: ActShape) -> float:
+    """HBM traffic of the memory-bound kernels of one forward: norms, residual adds,
+    dropout, rotary embedding, activation function, softmax of the loss."""
+    t, h = act.tokens, model.hidden_size
+    if kind is LayerKind.EMBEDDING:
+        return BF16 * t * h / act.tsp * 2
+    if kind is LayerKind.LOSS:
+        vocab = model.padded_vocab_size(act.tp)
+        return BF16 * t * h / act.tsp * 4 + 4 * t * vocab / act.tp * 4  # float32 passes over logits
+    ffn = model.ffn_hidden_size if kind is LayerKind.DENSE else model.moe_ffn_hidden_size
+    topk = 1 if kind is LayerKind.DENSE else model.moe_router_topk
+    fc1 = ffn * (2 if model.gated_linear_unit else 1)
+    per_token = 14 * h / act.tsp + topk * (fc1 + ffn) / act.tp
+    return BF16 * t * per_token
+
+
+def _tp_comm(model: ModelSpec, kind: LayerKind, s: Strategy, act: ActShape, link: comm.Link) -> float:
+    """Exposed tensor-parallel communication of one forward (backward has the same)."""
+    if s.tp == 1:
+        return 0.0
+    n = BF16 * act.tokens * model.hidden_size
+    one = (comm.all_gather(n, s.tp, link) + comm.reduce_scatter(n, s.tp, link)) if s.sp else comm.all_reduce(
+        n, s.tp, link
+    )
+    if kind is LayerKind.EMBEDDING or kind is LayerKind.LOSS:
+        return one / 2 if s.sp else one  # one gather or scatter around the vocab-parallel GEMM
+    per_layer = 2 * one  # around attention and around the MLP
+    return per_layer * (2 if kind is LayerKind.MTP else 1)
+
+
+def _cp_comm(model: ModelSpec, s: Strategy, act: ActShape, link: comm.Link, attn_fwd_s: float) -> tuple[float, float]:
+    """Ring attention: cp-1 exchanges of the local K and V, hidden behind the attention core."""
+    if s.cp == 1:
+        return 0.0, 0.0
+    groups = model.num_query_groups / s.tp if model.num_query_groups >= s.tp else 1
+    kv = BF16 * act.tokens * 2 * groups * model.kv_channels
+    fwd = (s.cp - 1) * comm.send_recv(kv, link)
+    bwd = 2 * fwd  # K, V and their gradients
+    return max(0.0, fwd - attn_fwd_s), max(0.0, bwd - 2 * attn_fwd_s)
+
+
+def _ep_comm(model: ModelSpec, s: Strategy, act: ActShape, link: comm.Link) -> float:
+    """Token dispatch and combine all-to-alls of one MoE forward."""
+    if s.ep == 1:
+        return 0.0
+    n = BF16 * act.tokens / act.tsp * model.moe_router_topk * model.hidden_size
+    return 2 * comm.all_to_all(n, s.ep, link)
+
+
+def item_cost(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    train: TrainSpec,
+    s: Strategy,
+    kind: LayerKind,
+    *,
+    links: comm.GroupLinks,
+    impl: Implementation = Implementation.TE,
+) -> ItemCost:
+    shape = Shape(mbs=s.mbs, seq=train.seq_length, tp=s.tp, cp=s.cp)
+    act = ActShape(mbs=s.mbs, seq=train.seq_length, tp=s.tp, cp=s.cp, sp=s.sp)
+    flops = item_flops(model, kind, shape)
+    precision = train.precision
+    fwd_compute = _compute_time(flops, cluster, precision)
+    attn_fwd = _compute_time(Flops(attention=flops.attention), cluster, precision)
+    memory = _memory_time(_elementwise_bytes(model, kind, act), cluster)
+    tp = _tp_comm(model, kind, s, act, links.tp)
+    decoder_like = kind in (LayerKind.DENSE, LayerKind.MOE, LayerKind.MTP)
+    cp_fwd, cp_bwd = _cp_comm(model, s, act, links.cp, attn_fwd) if decoder_like else (0.0, 0.0)
+    moe = kind is LayerKind.MOE or (kind is LayerKind.MTP and model.mtp_inner_kind is LayerKind.MOE)
+    ep = _ep_comm(model, s, act, links.ep) if moe else 0.0
+    selective = s.recompute is Recompute.SELECTIVE and decoder_like
+    fwd = PassTime(compute=fwd_compute, memory_bound=memory, tp_comm=tp, cp_comm=cp_fwd, ep_comm=ep)
+    bwd = PassTime(
+        compute=2 * fwd_compute + (attn_fwd if selective else 0.0),
+        memory_bound=2 * memory,
+        tp_comm=tp,
+        cp_comm=cp_bwd,
+        ep_comm=ep,
+    )
+    params = item_params(model, kind, tp=s.tp, ep=s.ep, pp=s.pp)
+    return ItemCost(
+        kind=kind,
+        fwd=fwd,
+        bwd=bwd,
+        recompute_s=fwd.total if decoder_like else 0.0,
+        params=params,
+        static_bytes=static_bytes(params, s, precision),
+        act_bytes=item_bytes(model, kind, act, impl, selective=selective),
+        ckpt_bytes=checkpoint_bytes(model, act) if decoder_like else 0.0,
+    )
+
+
+def _per_param(collective, nbytes: float, size: int, link: comm.Link) -> float:
+    """Bandwidth time per parameter of a large collective (its latency is paid per bucket)."""
+    scale = 1e6
+    return (collective(nbytes * scale, size, link) - collective(0.0, size, link)) / scale
+
+
+def static_bytes(params: ParamCount, s: Strategy, precision: Precision) -> float:
+    """Weights, main gradients and Adam state; the distributed optimizer shards the Adam
+    state over the data-parallel group (times cp for dense, the expert-DP group for experts)."""
+    dense_shards = s.dp * s.cp if s.distributed_optimizer else 1
+    expert_shards = s.edp if s.distributed_optimizer else 1
+    per_param = WEIGHT_BYTES + GRAD_BYTES + (FP8_WEIGHT_CACHE_BYTES if precision is Precision.FP8 else 0)
+    return (
+        params.dense * (per_param + ADAM_BYTES / dense_shards)
+        + params.expert * (per_param + ADAM_BYTES / expert_shards)
+    )
+
+
+def step_costs(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    train: TrainSpec,
+    s: Strategy,
+    *,
+    impl: Implementation = Implementation.TE,
+    item_cache: dict | None = None,
+) -> StepCosts:
+    """``item_cache`` shares item costs between strategies that differ only in vpp and the
+    full-recompute method, which do not change them."""
+    links = comm.strategy_links(cluster, tp=s.tp, cp=s.cp, ep=s.ep, dp=s.dp, pp=s.pp)
+    key = (s.replace(vpp=1, recompute_method=None, recompute_num_layers=None), impl)
+    items = None if item_cache is None else item_cache.get(key)
+    if items is None:
+        kinds = {LayerKind.EMBEDDING, LayerKind.LOSS, *model.decoder_kinds}
+        if model.mtp_layers:
+            kinds.add(LayerKind.MTP)
+        items = {k: item_cost(model, cluster, train, s, k, links=links, impl=impl) for k in sorted(kinds)}
+        if item_cache is not None:
+            item_cache[key] = items
+    act = ActShape(mbs=s.mbs, seq=train.seq_length, tp=s.tp, cp=s.cp, sp=s.sp)
+    p2p = comm.send_recv(BF16 * act.tokens * model.hidden_size / act.tsp, links.pp) if s.pp > 1 else 0.0
+
+    dense_group, expert_group = s.dp * s.cp, s.edp
+    reduce = comm.reduce_scatter if s.distributed_optimizer else comm.all_reduce
+    dp_grad = _per_param(reduce, GRAD_BYTES, dense_group, links.dp)
+    edp_grad = _per_param(reduce, GRAD_BYTES, expert_group, links.edp)
+    dp_gather = edp_gather = 0.0
+    if s.distributed_optimizer:
+        dp_gather = _per_param(comm.all_gather, WEIGHT_BYTES, dense_group, links.dp)
+        edp_gather = _per_param(comm.all_gather, WEIGHT_BYTES, expert_group, links.edp)
+    bucket = max(DDP_BUCKET_PARAMS, 1_000_000 * dense_group)
+    dp_bucket = bucket * (dp_grad + dp_gather) + reduce(0.0, dense_group, links.dp)
+    # Adam reads and writes master weights, moments and the gradient (about 30 bytes per
+    # sharded parameter) and zeroes the local main gradient (4 bytes per parameter).
+    hbm = cluster.hbm_bandwidth_gbps * 1e9 * HBM_EFFICIENCY
+    dense_shards = dense_group if s.distributed_optimizer else 1
+    expert_shards = expert_group if s.distributed_optimizer else 1
+    opt = (30 / dense_shards + 4) / hbm
+    opt_expert = (30 / expert_shards + 4) / hbm
+
+    tied = not model.untie_embeddings_and_output_weights
+    embedding_sync = 0.0
+    if tied and s.pp > 1:
+        words = model.padded_vocab_size(s.tp) * model.hidden_size / s.tp
+        embedding_sync = comm.all_reduce(GRAD_BYTES * words, 2, links.embedding)
+
+    transient = 0.0
+    if s.recompute is Recompute.FULL:
+        group = s.recompute_num_layers if s.full_uniform and s.recompute_num_layers else 1
+        decoder_acts = [c.act_bytes for k, c in items.items() if k in (LayerKind.DENSE, LayerKind.MOE)]
+        transient = group * max(decoder_acts, default=0.0)
+
+    return StepCosts(
+        strategy=s,
+        items=items,
+        p2p_s=p2p,
+        dp_grad_s_per_param=dp_grad,
+        dp_gather_s_per_param=dp_gather,
+        edp_grad_s_per_param=edp_grad,
+        edp_gather_s_per_param=edp_gather,
+        dp_bucket_s=dp_bucket,
+        optimizer_s_per_param=opt,
+        optimizer_s_per_expert_param=opt_expert,
+        embedding_sync_s=embedding_sync,
+        transient_bytes=transient,
+        overhead_s=cluster.step_overhead_s,
+        num_microbatches=s.num_microbatches(train.global_batch_size),
+        sources={"compute": "analytical", "communication": "analytical", "memory": "analytical"},
+    )

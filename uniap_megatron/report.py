@@ -1,0 +1,125 @@
+"""Human-readable plan: rich tables of the strategy, the stages, memory and alternatives."""
+
+from __future__ import annotations
+
+import shlex
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from uniap_megatron.cost.step import GIB
+from uniap_megatron.plan import Plan
+from uniap_megatron.space.layout import Layout
+
+
+def _stage_text(layers: str) -> str:
+    return Layout(stages=(layers,), pp=1).to_megatron() or "(empty)"
+
+
+def strategy_table(plan: Plan) -> Table:
+    s, p = plan.strategy, plan.prediction
+    t = Table(title="Strategy", show_header=False, box=None, padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("model", f"{plan.model.name} ({plan.model.num_layers} layers, hidden {plan.model.hidden_size})"),
+        ("cluster", f"{plan.cluster.num_nodes} x {plan.cluster.gpus_per_node} {plan.cluster.gpu} = {plan.cluster.world_size} GPUs"),
+        ("batch", f"global {plan.train.global_batch_size} x seq {plan.train.seq_length}, {plan.train.precision.value}"),
+        ("parallelism", f"TP {s.tp}  PP {s.pp}  VPP {s.vpp}  CP {s.cp}  EP {s.ep}  DP {s.dp}  SP {'on' if s.sp else 'off'}"),
+        ("micro-batch", f"{s.mbs} ({s.num_microbatches(plan.train.global_batch_size)} micro-batches per step)"),
+        ("recompute", _recompute_text(s)),
+        ("optimizer", "distributed (sharded over DP)" if s.distributed_optimizer else "replicated"),
+        ("layout", plan.layout.to_megatron()),
+        ("step time", f"{p.step_time_s:.3f} s"),
+        ("throughput", f"{p.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {p.mfu:.1%}"),
+        ("peak memory", f"{max(p.peak_memory_gib):.1f} GiB of {p.memory_capacity_gib:.1f} GiB "
+                        f"({plan.cluster.memory_reserve_gib:.1f} GiB reserved)"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def _recompute_text(s) -> str:
+    if s.recompute.value == "full":
+        return f"full, {s.recompute_method.value}, {s.recompute_num_layers} layers"
+    return s.recompute.value
+
+
+def stages_table(plan: Plan) -> Table:
+    t = Table(title="Pipeline stages (one micro-batch)", title_justify="left")
+    for col, just in (("stage", "right"), ("pp rank", "right"), ("vpp", "right"), ("layers", "left"),
+                      ("recomputed", "right"), ("time ms", "right"), ("params M", "right"), ("act GiB", "right")):
+        t.add_column(col, justify=just)
+    for st in plan.estimate.stages:
+        t.add_row(str(st.index), str(st.rank), str(st.chunk), _stage_text(st.layers), str(st.recomputed),
+                  f"{st.time_s * 1e3:.2f}", f"{st.params / 1e6:,.1f}", f"{st.act_bytes / GIB:.2f}")
+    return t
+
+
+def memory_table(plan: Plan) -> Table:
+    cap = plan.cluster.memory_gib
+    usable = plan.estimate.capacity_bytes / GIB
+    t = Table(title=f"Memory per pipeline rank (capacity {cap:.1f} GiB, usable {usable:.1f} GiB)", title_justify="left")
+    for col in ("pp rank", "time/mb ms", "weights+grads+optim GiB", "activations GiB", "transient GiB", "peak GiB", ""):
+        t.add_column(col, justify="right" if col else "left")
+    for r in plan.estimate.ranks:
+        share = r.peak_gib / cap
+        bar = "#" * round(20 * share) + "." * (20 - round(20 * share))
+        t.add_row(str(r.rank), f"{r.time_s * 1e3:.1f}", f"{r.static_bytes / GIB:.1f}",
+                  f"{r.activation_bytes / GIB:.1f}", f"{r.transient_bytes / GIB:.1f}", f"{r.peak_gib:.1f}", bar)
+    return t
+
+
+def terms_table(plan: Plan) -> Table:
+    e = plan.estimate
+    t = Table(title="Step time, by term", title_justify="left", show_header=False, box=None, padding=(0, 2))
+    t.add_column()
+    t.add_column(justify="right")
+    for name, value in (("pipeline (forward, backward, p2p)", e.pipeline_s), ("  of which bubble", e.bubble_s),
+                        ("exposed data-parallel communication", e.dp_exposed_s), ("optimizer step", e.optimizer_s),
+                        ("embedding gradient sync", e.embedding_sync_s), ("fixed overhead", e.overhead_s),
+                        ("step", e.step_time_s)):
+        t.add_row(name, f"{value * 1e3:,.1f} ms")
+    return t
+
+
+def alternatives_table(plan: Plan) -> Table | None:
+    if not plan.alternatives:
+        return None
+    best = plan.prediction.step_time_s
+    t = Table(title="Next best plans", title_justify="left")
+    for col in ("strategy", "layout", "step s", "vs best", "peak GiB"):
+        t.add_column(col)
+    for a in plan.alternatives:
+        layout = a.layout.to_megatron()
+        t.add_row(a.strategy.short(), layout if len(layout) <= 48 else layout[:45] + "...",
+                  f"{a.estimate.step_time_s:.3f}", f"+{a.estimate.step_time_s / best - 1:.1%}",
+                  f"{a.estimate.peak_bytes / GIB:.1f}")
+    return t
+
+
+def solver_text(plan: Plan) -> Text:
+    if plan.search is None:
+        return Text("")
+    st = plan.search.stats
+    gap = max(st.max_gap, st.search_gap)
+    status = "proven optimal" if st.complete and gap == 0 else f"best found, gap {gap:.2%}"
+    sources = ", ".join(f"{k}: {v}" for k, v in plan.cost_sources)
+    return Text(
+        f"Solver: {status}; {st.configs_enumerated:,} strategies, {st.configs_pruned_by_memory:,} ruled out by "
+        f"memory and {st.configs_pruned_by_bound:,} by bound, {st.programs_solved} programs solved in "
+        f"{st.wall_s:.2f} s. Costs: {sources}."
+    )
+
+
+def render(plan: Plan, console: Console) -> None:
+    parts = [strategy_table(plan), stages_table(plan), memory_table(plan), terms_table(plan)]
+    alternatives = alternatives_table(plan)
+    if alternatives is not None:
+        parts.append(alternatives)
+    parts.append(solver_text(plan))
+    parts.append(Text("Megatron-LM flags:\n  " + shlex.join(plan.megatron_args)))
+    console.print(Panel(Group(*parts), title="uniap-megatron plan", expand=False))

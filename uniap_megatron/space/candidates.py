@@ -1,0 +1,256 @@
+"""The global choices the outer search enumerates, honouring the user's pins.
+
+Every strategy yielded here passes :func:`uniap_megatron.space.rules.violations`. Three
+choices are narrowed where the cost model proves them dominated, unless pinned:
+sequence parallelism is always on with tp > 1 (same communication volume, less memory),
+the distributed optimizer is always on (same volume, less memory), and tensor parallelism
+stays inside a node. Full recomputation is searched as ``block`` with every count up to
+the largest even stage (``block`` with every layer equals ``uniform`` with groups of one)
+and as ``uniform`` with groups of 2 to 4 layers, which keep fewer checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+from uniap_megatron.errors import InfeasibleError, InputError
+from uniap_megatron.space.layout import Layout
+from uniap_megatron.space.rules import (
+    cp_violation,
+    divisors,
+    ep_violation,
+    microbatch_violation,
+    recompute_violations,
+    tp_violation,
+    violations,
+)
+from uniap_megatron.space.strategy import Recompute, RecomputeMethod, Strategy
+from uniap_megatron.spec.cluster import ClusterSpec
+from uniap_megatron.spec.model import ModelSpec
+from uniap_megatron.spec.train import TrainSpec
+
+UNIFORM_GROUPS = (2, 3, 4)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pins:
+    """Strategy fields the user fixed; ``None`` means "optimize"."""
+
+    tp: int | None = None
+    pp: int | None = None
+    vpp: int | None = None
+    cp: int | None = None
+    ep: int | None = None
+    dp: int | None = None
+    sp: bool | None = None
+    mbs: int | None = None
+    recompute: Recompute | None = None
+    recompute_method: RecomputeMethod | None = None
+    recompute_num_layers: int | None = None
+    distributed_optimizer: bool | None = None
+    layout: str | None = None
+
+    def __post_init__(self) -> None:
+        for f in ("tp", "pp", "vpp", "cp", "ep", "dp", "mbs", "recompute_num_layers"):
+            value = getattr(self, f)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"strategy.{f} ({value!r}) must be a positive integer or null (optimize).")
+        for f in ("sp", "distributed_optimizer"):
+            value = getattr(self, f)
+            if value is not None and not isinstance(value, bool):
+                raise InputError(f"strategy.{f} ({value!r}) must be true, false or null (optimize).")
+        for f, enum in (("recompute", Recompute), ("recompute_method", RecomputeMethod)):
+            value = getattr(self, f)
+            if value is not None:
+                try:
+                    object.__setattr__(self, f, enum(value))
+                except ValueError:
+                    allowed = ", ".join(e.value for e in enum)
+                    raise InputError(f"strategy.{f} ({value!r}) must be one of: {allowed}, or null.") from None
+
+    def pinned(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @property
+    def complete(self) -> bool:
+        """Every field that defines a plan is pinned (the layout included)."""
+        return self.layout is not None and all(
+            getattr(self, f) is not None for f in ("tp", "cp", "ep", "dp", "mbs", "recompute")
+        )
+
+
+def _options(pinned, natural: list) -> list:
+    return [pinned] if pinned is not None else natural
+
+
+def check_pins(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: Pins) -> None:
+    """Reject a pin that no strategy can satisfy, saying what would work."""
+    world = cluster.world_size
+    for name in ("tp", "cp", "pp", "dp"):
+        value = getattr(pins, name)
+        if value is not None and world % value:
+            raise InputError(
+                f"strategy.{name} ({value}) must divide the number of GPUs ({world} = "
+                f"{cluster.num_nodes} nodes x {cluster.gpus_per_node}); divisors: {_list(divisors(world))}."
+            )
+    if pins.tp is not None and (problem := tp_violation(model, pins.tp)):
+        good = [t for t in divisors(world) if tp_violation(model, t) is None]
+        raise InputError(f"{problem}; valid tp here: {_list(good)}.")
+    if pins.cp is not None and (problem := cp_violation(train, pins.cp)):
+        raise InputError(problem + ".")
+    if pins.sp and pins.tp == 1:
+        raise InputError("strategy.sp (true) needs strategy.tp > 1: sequence parallelism splits over the TP group.")
+    if pins.vpp is not None and pins.vpp > 1 and pins.pp == 1:
+        raise InputError(f"strategy.vpp ({pins.vpp}) needs strategy.pp > 1.")
+    if pins.ep is not None and pins.ep > 1 and not model.is_moe:
+        raise InputError(f"strategy.ep ({pins.ep}) must be 1: model {model.name} has no experts.")
+    if pins.mbs is not None and train.global_batch_size % pins.mbs:
+        raise InputError(
+            f"train.global_batch_size ({train.global_batch_size}) must be divisible by strategy.mbs ({pins.mbs})."
+        )
+    probe = Strategy(
+        tp=1,
+        pp=1,
+        dp=world,
+        recompute=pins.recompute or Recompute.NONE,
+        recompute_method=pins.recompute_method,
+        recompute_num_layers=pins.recompute_num_layers,
+    )
+    if pins.recompute is not None:
+        problems = [p for p in recompute_violations(probe) if "needs strategy.recompute_num_layers" not in p]
+        if problems:
+            raise InputError(problems[0] + ".")
+    elif pins.recompute_method is not None or pins.recompute_num_layers is not None:
+        # Method or count alone imply full recomputation.
+        pass
+    if pins.layout is not None:
+        _check_layout(model, pins)
+
+
+def _check_layout(model: ModelSpec, pins: Pins) -> None:
+    pp_options = [pins.pp] if pins.pp else [p for p in range(1, 4097)]
+    stages = len(Layout.parse(pins.layout, 1).stages)
+    pp_options = [p for p in pp_options if stages % p == 0]
+    if not pp_options:
+        raise InputError(
+            f"strategy.layout has {stages} stages, not a multiple of strategy.pp ({pins.pp})."
+        )
+    layout = Layout.parse(pins.layout, pp_options[0])
+    layout.validate(num_layers=model.num_layers, mtp_num_layers=model.mtp_layers)
+    if pins.vpp is not None and pins.pp is not None and stages != pins.pp * pins.vpp:
+        raise InputError(
+            f"strategy.layout has {stages} stages but strategy.pp x strategy.vpp is "
+            f"{pins.pp} x {pins.vpp} = {pins.pp * pins.vpp}."
+        )
+
+
+def _list(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values[:16]) + (" ..." if len(values) > 16 else "")
+
+
+def _recompute_options(pins: Pins, max_stage_layers: int) -> list[tuple[Recompute, RecomputeMethod | None, int | None]]:
+    rec, method, n = pins.recompute, pins.recompute_method, pins.recompute_num_layers
+    if rec is None and (method is not None or n is not None):
+        rec = Recompute.FULL
+    options: list[tuple[Recompute, RecomputeMethod | None, int | None]] = []
+    for r in _options(rec, list(Recompute)):
+        if r is not Recompute.FULL:
+            options.append((r, None, None))
+            continue
+        for m in _options(method, [RecomputeMethod.BLOCK, RecomputeMethod.UNIFORM]):
+            if m is RecomputeMethod.BLOCK:
+                counts = [n] if n is not None else range(1, max_stage_layers + 1)
+                options.extend((r, m, k) for k in counts)
+            else:
+                groups = [n] if n is not None else [1] if method is RecomputeMethod.UNIFORM else []
+                if n is None:
+                    groups += [k for k in UNIFORM_GROUPS if k <= max_stage_layers]
+                options.extend((r, m, k) for k in groups)
+    return options
+
+
+def enumerate_strategies(
+    model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: Pins = Pins()
+) -> Iterator[Strategy]:
+    """Every strategy of the searched space that satisfies Megatron's rules and the pins,
+    in a fixed order."""
+    world, gpn = cluster.world_size, cluster.gpus_per_node
+    layout_stages = len(Layout.parse(pins.layout, 1).stages) if pins.layout else None
+    max_stages = model.num_layers + 2
+    tps = _options(pins.tp, [t for t in divisors(world) if t <= gpn and tp_violation(model, t) is None])
+    for tp in tps:
+        for cp in _options(pins.cp, [c for c in divisors(world // tp) if cp_violation(train, c) is None]):
+            if world % (tp * cp):
+                continue
+            for pp in _options(pins.pp, [p for p in divisors(world // (tp * cp)) if p <= max_stages]):
+                if world % (tp * cp * pp):
+                    continue
+                dp = world // (tp * cp * pp)
+                if pins.dp is not None and pins.dp != dp:
+                    continue
+                if train.global_batch_size % dp:
+                    continue
+                local = train.global_batch_size // dp
+                eps = [1] if not model.is_moe else [e for e in divisors(model.num_moe_experts)]
+                for ep in _options(pins.ep, eps):
+                    if ep_violation(model, ep, dp, cp):
+                        continue
+                    for mbs in _options(pins.mbs, divisors(local)):
+                        if local % mbs:
+                            continue
+                        yield from _inner(model, train, pins, tp, cp, pp, dp, ep, mbs, layout_stages, max_stages)
+
+
+def _inner(model, train, pins, tp, cp, pp, dp, ep, mbs, layout_stages, max_stages) -> Iterator[Strategy]:
+    m = train.global_batch_size // (mbs * dp)
+    if layout_stages is not None:
+        if layout_stages % pp:
+            return
+        vpps = [layout_stages // pp]
+    else:
+        vpps = [v for v in range(1, max_stages // pp + 1) if v == 1 or (pp > 1 and m >= pp and m % pp == 0)]
+    for vpp in _options(pins.vpp, vpps):
+        if layout_stages is not None and vpp * pp != layout_stages:
+            continue
+        max_stage_layers = -(-model.num_layers // (pp * vpp))
+        for sp in _options(pins.sp, [tp > 1]):
+            for rec, method, n in _recompute_options(pins, max_stage_layers):
+                for distopt in _options(pins.distributed_optimizer, [True]):
+                    s = Strategy(
+                        tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, dp=dp, sp=sp, mbs=mbs,
+                        recompute=rec, recompute_method=method, recompute_num_layers=n,
+                        distributed_optimizer=distopt,
+                    )
+                    if not _valid(model, train, s):
+                        continue
+                    yield s
+
+
+def _valid(model: ModelSpec, train: TrainSpec, s: Strategy) -> bool:
+    if cp_violation(train, s.cp, s.tp, s.sp) or microbatch_violation(train, s):
+        return False
+    if s.sp and s.tp == 1 or s.vpp > 1 and s.pp == 1:
+        return False
+    return not [p for p in recompute_violations(s) if "needs strategy.recompute_num_layers" not in p]
+
+
+def explain_empty(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: Pins) -> InfeasibleError:
+    """Why the pins leave no strategy: the first rule a representative strategy breaks."""
+    world = cluster.world_size
+    tp = pins.tp or 1
+    cp = pins.cp or 1
+    pp = pins.pp or 1
+    dp = pins.dp or max(1, world // (tp * cp * pp))
+    s = Strategy(
+        tp=tp, pp=pp, vpp=pins.vpp or 1, cp=cp, ep=pins.ep or 1, dp=dp, sp=bool(pins.sp),
+        mbs=pins.mbs or 1, recompute=pins.recompute or Recompute.NONE,
+        recompute_method=pins.recompute_method, recompute_num_layers=pins.recompute_num_layers,
+    )
+    problems = violations(model, cluster, train, s)
+    pinned = ", ".join(f"strategy.{k}={v}" for k, v in pins.pinned().items()) or "no pins"
+    reason = problems[0] if problems else "no combination of the free fields satisfies Megatron's rules"
+    return InfeasibleError(
+        f"No valid Megatron strategy for {model.name} on {world} GPUs with {pinned}: {reason}. "
+        "Unpin a field or change train.global_batch_size so that it divides by mbs x dp."
+    )

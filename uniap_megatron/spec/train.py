@@ -1,0 +1,36 @@
+"""What one training step processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from uniap_megatron.errors import InputError
+
+
+class Precision(StrEnum):
+    BF16 = "bf16"
+    FP8 = "fp8"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSpec:
+    global_batch_size: int
+    seq_length: int
+    precision: Precision = Precision.BF16
+
+    def __post_init__(self) -> None:
+        for field in ("global_batch_size", "seq_length"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"train.{field} ({value!r}) must be a positive integer.")
+        try:
+            object.__setattr__(self, "precision", Precision(self.precision))
+        except ValueError:
+            raise InputError(
+                f"train.precision ({self.precision!r}) must be one of: bf16, fp8."
+            ) from None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
