@@ -3,6 +3,8 @@
 Megatron orders ranks ``tp-cp-ep-dp-pp`` (tensor parallel innermost): a group of ``size``
 ranks spaced ``stride`` apart stays inside a node when ``stride * size <= gpus_per_node``.
 Bandwidths are per GPU, one way; each collective pays ``latency * steps + volume / bw``.
+A link may carry measured fits (from a profile): a collective with a fit for its group size
+takes the fitted time instead of the ring formula.
 """
 
 from __future__ import annotations
@@ -13,12 +15,31 @@ from uniap_megatron.spec.cluster import ClusterSpec
 
 
 @dataclass(frozen=True)
+class CollectiveFit:
+    """A measured collective on ``size`` ranks: ``latency_s + seconds_per_byte * nbytes``,
+    with ``nbytes`` in the convention of the function of the same name below."""
+
+    op: str
+    size: int
+    latency_s: float
+    seconds_per_byte: float
+
+    def time(self, nbytes: float) -> float:
+        return self.latency_s + self.seconds_per_byte * nbytes
+
+
+@dataclass(frozen=True)
 class Link:
     bandwidth: float
     """Achieved bytes per second, one way, per GPU."""
     latency: float
     """Seconds per algorithm step."""
     intra_node: bool
+    fits: tuple[CollectiveFit, ...] = ()
+    """Measured collectives on this kind of link; the ring formulas cover the rest."""
+
+    def fit(self, op: str, size: int) -> CollectiveFit | None:
+        return next((f for f in self.fits if f.op == op and f.size == size), None)
 
 
 def node_link(cluster: ClusterSpec, *, intra_node: bool) -> Link:
@@ -36,17 +57,25 @@ def all_gather(nbytes: float, size: int, link: Link) -> float:
     """Time to all-gather a tensor of ``nbytes`` (the gathered size) over ``size`` ranks."""
     if size <= 1:
         return 0.0
+    if fit := link.fit("all_gather", size):
+        return fit.time(nbytes)
     return (size - 1) * link.latency + (size - 1) / size * nbytes / link.bandwidth
 
 
 def reduce_scatter(nbytes: float, size: int, link: Link) -> float:
     """Time to reduce-scatter a tensor of ``nbytes`` (the unscattered size)."""
-    return all_gather(nbytes, size, link)
+    if size <= 1:
+        return 0.0
+    if fit := link.fit("reduce_scatter", size):
+        return fit.time(nbytes)
+    return (size - 1) * link.latency + (size - 1) / size * nbytes / link.bandwidth
 
 
 def all_reduce(nbytes: float, size: int, link: Link) -> float:
     if size <= 1:
         return 0.0
+    if fit := link.fit("all_reduce", size):
+        return fit.time(nbytes)
     return 2 * (size - 1) * link.latency + 2 * (size - 1) / size * nbytes / link.bandwidth
 
 
@@ -54,10 +83,14 @@ def all_to_all(nbytes: float, size: int, link: Link) -> float:
     """Each rank sends ``nbytes`` in all, a ``1/size`` share to every peer."""
     if size <= 1:
         return 0.0
+    if fit := link.fit("all_to_all", size):
+        return fit.time(nbytes)
     return (size - 1) * link.latency + (size - 1) / size * nbytes / link.bandwidth
 
 
 def send_recv(nbytes: float, link: Link) -> float:
+    if fit := link.fit("send_recv", 2):
+        return fit.time(nbytes)
     return link.latency + nbytes / link.bandwidth
 
 

@@ -9,6 +9,7 @@ a measured profile replaces the times and activation bytes it has.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from uniap_megatron.cost import comm
 from uniap_megatron.cost.activations import ActShape, Implementation, checkpoint_bytes, item_bytes
@@ -26,6 +27,7 @@ ADAM_BYTES = 12  # fp32 master weights, first and second moments
 FP8_WEIGHT_CACHE_BYTES = 2  # fp8 copy and transpose of every GEMM weight (Transformer Engine)
 HBM_EFFICIENCY = 0.8  # memory-bound kernels reach this share of HBM bandwidth
 DDP_BUCKET_PARAMS = 40_000_000  # Megatron's default gradient bucket (grows with dp)
+ANALYTICAL_SOURCES = {"compute": "analytical", "communication": "analytical", "memory": "analytical"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,21 @@ class StepCosts:
 
     def item(self, kind: LayerKind) -> ItemCost:
         return self.items[kind]
+
+
+class CostSource(Protocol):
+    """Figures that replace parts of the analytical model (a measured profile does).
+
+    ``links`` may attach measured collective fits to the strategy's links before any
+    communication term is computed; ``items`` may replace the times and activation bytes of
+    the analytical item costs; ``sources`` says, per part, where the figures came from.
+    """
+
+    def links(self, links: comm.GroupLinks) -> comm.GroupLinks: ...
+
+    def items(self, s: Strategy, items: dict[LayerKind, ItemCost]) -> dict[LayerKind, ItemCost]: ...
+
+    def sources(self, s: Strategy) -> dict[str, str]: ...
 
 
 def _compute_time(flops: Flops, cluster: ClusterSpec, precision: Precision) -> float:
@@ -221,10 +238,14 @@ def step_costs(
     *,
     impl: Implementation = Implementation.TE,
     item_cache: dict | None = None,
+    source: CostSource | None = None,
 ) -> StepCosts:
     """``item_cache`` shares item costs between strategies that differ only in vpp and the
-    full-recompute method, which do not change them."""
+    full-recompute method, which do not change them. ``source`` (a measured profile)
+    replaces the figures it has; the analytical model supplies the rest."""
     links = comm.strategy_links(cluster, tp=s.tp, cp=s.cp, ep=s.ep, dp=s.dp, pp=s.pp)
+    if source is not None:
+        links = source.links(links)
     key = (s.replace(vpp=1, recompute_method=None, recompute_num_layers=None), impl)
     items = None if item_cache is None else item_cache.get(key)
     if items is None:
@@ -232,6 +253,8 @@ def step_costs(
         if model.mtp_layers:
             kinds.add(LayerKind.MTP)
         items = {k: item_cost(model, cluster, train, s, k, links=links, impl=impl) for k in sorted(kinds)}
+        if source is not None:
+            items = source.items(s, items)
         if item_cache is not None:
             item_cache[key] = items
     act = ActShape(mbs=s.mbs, seq=train.seq_length, tp=s.tp, cp=s.cp, sp=s.sp)
@@ -282,5 +305,5 @@ def step_costs(
         transient_bytes=transient,
         overhead_s=cluster.step_overhead_s,
         num_microbatches=s.num_microbatches(train.global_batch_size),
-        sources={"compute": "analytical", "communication": "analytical", "memory": "analytical"},
+        sources=source.sources(s) if source is not None else dict(ANALYTICAL_SOURCES),
     )

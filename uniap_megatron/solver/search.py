@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from uniap_megatron.cost.activations import Implementation
-from uniap_megatron.cost.items import StepCosts, step_costs
+from uniap_megatron.cost.items import CostSource, StepCosts, step_costs
 from uniap_megatron.cost.step import Estimate, evaluate
 from uniap_megatron.errors import InfeasibleError, SolverError
 from uniap_megatron.solver.bounds import peak_memory_floor, step_time_floor
@@ -73,6 +73,8 @@ class SearchOptions:
     """How many of the most promising strategies get an even-layout incumbent first."""
     """The search returns its best plan so far, with the remaining gap, after this long."""
     implementation: Implementation = Implementation.TE
+    cost_source: CostSource | None = None
+    """Measured figures (a profile) that replace the analytical ones where present."""
 
 
 ProgressFn = Callable[[int, int, "Solution | None"], None]
@@ -103,7 +105,9 @@ def search(
 
     scored, memory_pruned, cache = [], [], {}
     for s in strategies:
-        costs = step_costs(model, cluster, train, s, impl=options.implementation, item_cache=cache)
+        costs = step_costs(
+            model, cluster, train, s, impl=options.implementation, item_cache=cache, source=options.cost_source
+        )
         time_lb, memory_lb = step_time_floor(costs, model), peak_memory_floor(costs, model)
         if memory_lb > capacity:
             memory_pruned.append((memory_lb, strategy_key(s), costs))
