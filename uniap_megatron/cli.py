@@ -1,4 +1,4 @@
-"""``uniap-megatron``: plan (and later validate, profile, launch) from the command line.
+"""``uniap-megatron``: plan and profile (and later validate, launch) from the command line.
 
 Configuration is Hydra's: ``key=value`` overrides on the embedded configs
 (``hydra_configs/``). Errors in the input end with one paragraph and exit code 2.
@@ -49,8 +49,23 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def make_plan(cfg, progress=None):
-    """Plan from a composed config: the library entry point behind ``plan``."""
+def profile_path(cfg, profile: str | None = None) -> str | None:
+    """The profile file a plan uses: ``profile`` when given, else the config's ``profile``
+    key (a path, or null for analytical costs)."""
+    if profile is not None:
+        return str(profile) or None
+    value = cfg.get("profile") if hasattr(cfg, "get") else None
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"profile ({value!r}) must be the path of a profile file, or null.")
+    return value
+
+
+def make_plan(cfg, progress=None, *, profile: str | None = None):
+    """Plan from a composed config: the library entry point behind ``plan`` (and the Hydra
+    callback). ``profile`` (or the config's ``profile`` key) names a profile file whose
+    measured costs replace the analytical ones where it has them."""
     from uniap_megatron.cost.activations import Implementation
     from uniap_megatron.plan import Plan
     from uniap_megatron.solver.program import SolverOptions
@@ -58,14 +73,25 @@ def make_plan(cfg, progress=None):
     from uniap_megatron.spec.config import request_from_config
 
     req = request_from_config(cfg)
+    implementation = Implementation(req.implementation)
+    path = profile_path(cfg, profile)
+    source = None
+    if path is not None:
+        from uniap_megatron.cost.measured import ProfileSource
+
+        source = ProfileSource.from_file(path, req.model, req.cluster, req.train, implementation)
     options = SearchOptions(
         solver=SolverOptions(name=req.solver.name, time_limit_s=req.solver.time_limit_s),
         top_k=req.solver.top_k,
         max_programs=req.solver.max_programs,
-        implementation=Implementation(req.implementation),
+        implementation=implementation,
+        cost_source=source,
     )
     result = search(req.model, req.cluster, req.train, req.pins, options, progress=progress)
-    return Plan.from_search(result, req.model, req.cluster, req.train)
+    extra = {}
+    if source is not None:
+        extra["cost_sources"] = (("profile", path), *source.sources(result.best.strategy).items())
+    return Plan.from_search(result, req.model, req.cluster, req.train, **extra)
 
 
 def _progress_bar(enabled: bool):
@@ -118,6 +144,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from uniap_megatron.profile.options import profile_request_from_config
+
+    request = profile_request_from_config(compose(args.overrides, config_name="profile"))
+    from uniap_megatron.profile.report import render_profile
+    from uniap_megatron.profile.runner import run
+
+    profile, problems = run(request, show_progress=sys.stderr.isatty() and not args.quiet)
+    for line in problems:
+        print(f"uniap-megatron: warning: not measured: {line}", file=sys.stderr)
+    if args.json:
+        sys.stdout.write(profile.to_json())
+    else:
+        from rich.console import Console
+
+        render_profile(profile, request, Console())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uniap-megatron",
@@ -135,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object on stdout")
     plan.add_argument("--quiet", action="store_true", help="no progress display")
     plan.set_defaults(func=cmd_plan)
+    profile = sub.add_parser(
+        "profile",
+        help="measure the model's megatron-core layers and the cluster's collectives into a profile file",
+        description="Profile a model on this machine (one process per GPU, or torchrun across nodes): "
+        "uniap-megatron profile model=llama3_8b cluster=dgx_h100 profile.output=llama3_8b.json; "
+        "then uniap-megatron plan ... profile=llama3_8b.json. On a CPU: model=tiny cluster=cpu.",
+    )
+    profile.add_argument("overrides", nargs="*", help="Hydra overrides, key=value (profile.output=FILE is required)")
+    profile.add_argument("--json", action="store_true", help="print the whole profile as JSON on stdout")
+    profile.add_argument("--quiet", action="store_true", help="no progress display")
+    profile.set_defaults(func=cmd_profile)
     return parser
 
 
