@@ -4,6 +4,7 @@ gloo collectives between 2 processes, then a plan from the profile; resuming and
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -129,3 +130,25 @@ def test_gpu_check_compares_measured_with_analytical(profiled):
         assert r["measured_ms"] == pytest.approx(r["fwd_ms"] + r["bwd_ms"], abs=1e-3)
         assert r["analytical_ms"] > 0 and r["achieved_tflops"] > 0
         assert r["measured_over_analytical"] == pytest.approx(r["measured_ms"] / r["analytical_ms"], rel=1e-3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_launch_profiles_with_its_own_ranks(tmp_path):
+    path = tmp_path / "torchrun.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         "-m", "uniap_megatron.cli", "profile", *SETUP, *QUICK, "profile.mbs=[1]", "profile.recompute=[none]",
+         "profile.collectives=[all_gather]", f"profile.output={path}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    p = fmt.load(path)
+    assert p.environment.ranks_per_node == 2 and p.environment.num_nodes == 1
+    assert [c.key.op for c in p.collectives] == ["all_gather"]
+    assert sorted((m.key.kind, m.key.tp) for m in p.layers) == [(k, t) for k in ("E", "L", "t") for t in (1, 2)]
+    assert proc.stdout.count("Collectives") == 1  # rank 0 alone reports

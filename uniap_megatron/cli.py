@@ -152,6 +152,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from uniap_megatron.profile.runner import run
 
     profile, problems = run(request, show_progress=sys.stderr.isatty() and not args.quiet)
+    if profile is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     for line in problems:
         print(f"uniap-megatron: warning: not measured: {line}", file=sys.stderr)
     if args.json:

@@ -105,9 +105,10 @@ def _check_device(device: str, cluster_gpu: str, device_name: str) -> None:
 
 
 def prepare(request: ProfileRequest, *, world: int | None = None, ranks_per_node: int | None = None,
-            show_progress: bool = True) -> Work:
+            show_progress: bool = True, read_existing: bool = True) -> Work:
     """Decide the device, the header, and what is left to measure; refuse a file that holds
-    another hardware's, software's or model's profile."""
+    another hardware's, software's or model's profile. (Under torchrun only rank 0 reads the
+    file, which other nodes may not see, and shares its decisions.)"""
     import torch
 
     from uniap_megatron.profile.megatron_layers import implementation_of, resolve_layer_spec
@@ -137,7 +138,7 @@ def prepare(request: ProfileRequest, *, world: int | None = None, ranks_per_node
         layer_spec=layer_spec,
     )
     existing = None
-    if opts.output_path.exists():
+    if read_existing and opts.output_path.exists():
         existing = fmt.load(opts.output_path)
         problem = fmt.identity_mismatch(existing, header)
         if problem:
@@ -181,15 +182,19 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def run(request: ProfileRequest, *, show_progress: bool = True) -> tuple[fmt.Profile, list[str]]:
+def run(request: ProfileRequest, *, show_progress: bool = True) -> tuple[fmt.Profile | None, list[str]]:
     """Measure what is missing from ``profile.output`` and return the completed profile and
-    the problems met (shapes that could not be measured)."""
+    the problems met (shapes that could not be measured). Under torchrun, ranks other than 0
+    return no profile: rank 0 writes and reports."""
     quiet_imports()
     if launched_by_torchrun():
-        world = int(os.environ["WORLD_SIZE"])
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        work = prepare(request, world=world, ranks_per_node=per_node, show_progress=show_progress)
-        problems = _worker(int(os.environ["RANK"]), work)
+        work = prepare(request, world=world, ranks_per_node=per_node, show_progress=show_progress and rank == 0,
+                       read_existing=rank == 0)
+        problems = _worker(rank, work)
+        if rank != 0:
+            return None, problems
     else:
         work = prepare(request, show_progress=show_progress)
         if not work.collectives and not work.shapes:
@@ -230,6 +235,10 @@ def _worker(rank: int, work: Work) -> list[str]:
     torch.set_num_threads(work.threads)
     dist.init_process_group("nccl" if work.device == "cuda" else "gloo", rank=rank, world_size=work.world)
     try:
+        # Every rank follows rank 0's plan of what to measure (the one that read the file).
+        shared = [work if rank == 0 else None]
+        dist.broadcast_object_list(shared, src=0)
+        work = shared[0]
         from uniap_megatron.profile.progress import Reporter
 
         reporter = Reporter(enabled=rank == 0 and work.show_progress,
