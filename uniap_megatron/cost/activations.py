@@ -9,7 +9,8 @@ Follows Korthikanti et al. 2022 tensor by tensor, with the implementation as a p
   its dropout and the expanded K/V of grouped-query attention.
 
 With sequence parallelism every tensor outside the tensor-parallel GEMMs is split over
-``tp``; context parallelism splits the sequence over ``cp``.
+``tp``; context parallelism splits the sequence over ``cp``. With fp8, Transformer Engine
+saves the inputs of its fp8 GEMMs (QKV, projection, fc1, fc2) in fp8, one byte each.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from uniap_megatron.spec.model import LayerKind, ModelSpec
 
 BF16 = 2
 FP32 = 4
+FP8 = 1
 MASK = 1  # dropout masks are bytes
 
 
@@ -36,6 +38,13 @@ class ActShape:
     tp: int = 1
     cp: int = 1
     sp: bool = False
+    fp8: bool = False
+    """The GEMMs of Transformer Engine layers run in fp8 and save their inputs in fp8."""
+
+    @property
+    def gemm_input(self) -> int:
+        """Bytes per element of a saved GEMM input."""
+        return FP8 if self.fp8 else BF16
 
     @property
     def tokens(self) -> float:
@@ -61,7 +70,8 @@ def attention_bytes(
     heads, groups = _heads_local(model, shape.tp)
     mask = MASK * t * h / shape.tsp if model.hidden_dropout > 0 else 0.0
     # Layernorm input and output (the QKV GEMM input), the output projection's input.
-    saved = BF16 * t * h / shape.tsp * 2 + BF16 * t * heads * d + mask
+    g = shape.gemm_input
+    saved = BF16 * t * h / shape.tsp + g * t * h / shape.tsp + g * t * heads * d + mask
     if impl is Implementation.TE:
         saved += BF16 * t * (heads + 2 * groups) * d  # Q, K, V for the flash backward
         saved += FP32 * t * heads  # log-sum-exp
@@ -84,7 +94,8 @@ def attention_bytes(
 def mlp_bytes(model: ModelSpec, ffn: int, shape: ActShape, *, tokens_factor: float = 1.0) -> float:
     t, h = shape.tokens, model.hidden_size
     fc1_out = ffn * (2 if model.gated_linear_unit else 1)
-    per_token = BF16 * fc1_out / shape.tp + BF16 * ffn / shape.tp  # activation in and out
+    # The activation function's input (fc1's output) and its output (fc2's input).
+    per_token = BF16 * fc1_out / shape.tp + shape.gemm_input * ffn / shape.tp
     return t * tokens_factor * per_token
 
 
@@ -93,14 +104,14 @@ def decoder_layer_bytes(
 ) -> float:
     t, h = shape.tokens, model.hidden_size
     mask = MASK * t * h / shape.tsp if model.hidden_dropout > 0 else 0.0
-    pre_mlp = BF16 * t * h / shape.tsp * 2 + mask  # pre-MLP norm input and output, dropout
+    pre_mlp = (BF16 + shape.gemm_input) * t * h / shape.tsp + mask  # pre-MLP norm input and output (fc1's input), dropout
     saved = attention_bytes(model, shape, impl, selective=selective) + pre_mlp
     if kind is LayerKind.DENSE:
         return saved + mlp_bytes(model, model.ffn_hidden_size, shape)
     # MoE: router logits (fp32) and the permuted tokens each expert GEMM keeps.
     topk = model.moe_router_topk
     saved += FP32 * t * model.num_moe_experts / shape.tsp
-    saved += BF16 * t * topk * h / shape.tsp
+    saved += shape.gemm_input * t * topk * h / shape.tsp  # the experts' fc1 input
     saved += mlp_bytes(model, model.moe_ffn_hidden_size, shape, tokens_factor=topk)
     if model.moe_shared_expert_intermediate_size:
         saved += mlp_bytes(model, model.moe_shared_expert_intermediate_size, shape)

@@ -5,6 +5,10 @@ ranks spaced ``stride`` apart stays inside a node when ``stride * size <= gpus_p
 Bandwidths are per GPU, one way; each collective pays ``latency * steps + volume / bw``.
 A link may carry measured fits (from a profile): a collective with a fit for its group size
 takes the fitted time instead of the ring formula.
+
+A group that spans nodes with ``k`` of its ranks in every node runs ``k`` NCCL rings side by
+side, one per network rail, each crossing the node boundary on its own GPU's NIC: the
+group's bandwidth is ``k`` times a GPU's network bandwidth, capped by the node's NVLink.
 """
 
 from __future__ import annotations
@@ -50,7 +54,13 @@ def node_link(cluster: ClusterSpec, *, intra_node: bool) -> Link:
 
 
 def group_link(cluster: ClusterSpec, *, stride: int, size: int) -> Link:
-    return node_link(cluster, intra_node=stride * size <= cluster.gpus_per_node)
+    if stride * size <= cluster.gpus_per_node:
+        return node_link(cluster, intra_node=True)
+    network = node_link(cluster, intra_node=False)
+    per_node = max(1, cluster.gpus_per_node // stride)
+    rails = min(per_node, size)
+    bandwidth = min(rails * network.bandwidth, cluster.intra_node_bandwidth_gbps * 1e9 * cluster.comm_efficiency)
+    return Link(bandwidth, network.latency, False)
 
 
 def all_gather(nbytes: float, size: int, link: Link) -> float:
@@ -109,8 +119,8 @@ class GroupLinks:
 
 def strategy_links(cluster: ClusterSpec, *, tp: int, cp: int, ep: int, dp: int, pp: int) -> GroupLinks:
     # Neighbouring pipeline stages are tp*cp*dp ranks apart: the whole pipeline fits in a
-    # node, or some hop crosses nodes and that hop sets the pace.
-    pp_link = group_link(cluster, stride=tp * cp * dp, size=pp)
+    # node, or some hop crosses nodes, on one GPU's NIC, and that hop sets the pace.
+    pp_link = node_link(cluster, intra_node=tp * cp * dp * pp <= cluster.gpus_per_node)
     edp = cp * dp // ep
     return GroupLinks(
         tp=group_link(cluster, stride=1, size=tp),

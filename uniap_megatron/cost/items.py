@@ -23,9 +23,14 @@ from uniap_megatron.spec.train import Precision, TrainSpec
 BF16 = 2
 WEIGHT_BYTES = 2  # bf16 parameters
 GRAD_BYTES = 4  # fp32 main gradients
+FP16_GRAD_BYTES = 2  # fp16 training keeps fp16 main gradients (no --accumulate-allreduce-grads-in-fp32)
 ADAM_BYTES = 12  # fp32 master weights, first and second moments
 FP8_WEIGHT_CACHE_BYTES = 2  # fp8 copy and transpose of every GEMM weight (Transformer Engine)
+FP8_CAST_BYTES = 4  # quantizing a GEMM operand: read bf16, write fp8 and its fp8 transpose
 HBM_EFFICIENCY = 0.8  # memory-bound kernels reach this share of HBM bandwidth
+FLASH_BACKWARD = 2.5  # flash attention's backward recomputes the scores: 5 matmuls against 2
+UNFUSED_SCORE_BYTES = 8  # per score element, one forward: QK^T write, softmax read + write, P read
+UNFUSED_DROPOUT_BYTES = 5  # per score element: dropout read + write and its byte mask
 DDP_BUCKET_PARAMS = 40_000_000  # Megatron's default gradient bucket (grows with dp)
 ANALYTICAL_SOURCES = {"compute": "analytical", "communication": "analytical", "memory": "analytical"}
 
@@ -109,10 +114,36 @@ class CostSource(Protocol):
     def sources(self, s: Strategy) -> dict[str, str]: ...
 
 
-def _compute_time(flops: Flops, cluster: ClusterSpec, precision: Precision) -> float:
-    eff = cluster.gemm_efficiency
-    gemm_peak = cluster.peak_flops(precision.value)
-    return flops.gemm / (gemm_peak * eff) + flops.attention / (cluster.peak_flops("bf16") * eff)
+def grad_bytes(precision: Precision) -> int:
+    return FP16_GRAD_BYTES if precision is Precision.FP16 else GRAD_BYTES
+
+
+def _gemm_time(gemm_flops: float, cluster: ClusterSpec, precision: Precision) -> float:
+    """fp8 runs the GEMMs of Transformer Engine layers at the fp8 peak; fp16 and bf16 share one."""
+    peak = cluster.peak_flops("fp8" if precision is Precision.FP8 else "bf16")
+    return gemm_flops / (peak * cluster.gemm_efficiency)
+
+
+def _attention_core(
+    model: ModelSpec, flops: Flops, shape: Shape, cluster: ClusterSpec, impl: Implementation
+) -> tuple[float, float]:
+    """Forward and backward time of the attention core (scores, softmax, context), in bf16.
+
+    Flash attention (``te``) computes the causal half of the scores and recomputes them in
+    its backward. The unfused core (``local``) computes every score, masked or not, and
+    moves the score matrices through HBM in separate softmax and dropout kernels.
+    """
+    if flops.attention == 0:
+        return 0.0, 0.0
+    rate = cluster.peak_flops("bf16") * cluster.gemm_efficiency
+    if impl is Implementation.TE:
+        fwd = flops.attention / rate
+        return fwd, FLASH_BACKWARD * fwd
+    heads = model.num_attention_heads / shape.tp
+    scores = shape.mbs * heads * (shape.seq / shape.cp) * shape.seq
+    per_score = UNFUSED_SCORE_BYTES + (UNFUSED_DROPOUT_BYTES if model.attention_dropout > 0 else 0)
+    fwd = 2 * flops.attention / rate + _memory_time(scores * per_score, cluster)
+    return fwd, 2 * fwd
 
 
 def _memory_time(nbytes: float, cluster: ClusterSpec) -> float:
@@ -136,7 +167,7 @@ def _elementwise_bytes(model: ModelSpec, kind: LayerKind, act: ActShape) -> floa
 
 
 def _tp_comm(model: ModelSpec, kind: LayerKind, s: Strategy, act: ActShape, link: comm.Link) -> float:
-    """Exposed tensor-parallel communication of one forward (backward has the same)."""
+    """Tensor-parallel communication of one forward (backward has the same)."""
     if s.tp == 1:
         return 0.0
     n = BF16 * act.tokens * model.hidden_size
@@ -168,6 +199,24 @@ def _ep_comm(model: ModelSpec, s: Strategy, act: ActShape, link: comm.Link) -> f
     return 2 * comm.all_to_all(n, s.ep, link)
 
 
+def _fp8_cast_bytes(model: ModelSpec, kind: LayerKind, act: ActShape) -> float:
+    """HBM traffic of quantizing the inputs of one forward's fp8 GEMMs (QKV, projection,
+    fc1, fc2); the backward quantizes as many gradients."""
+    ffn = model.ffn_hidden_size if kind is LayerKind.DENSE else model.moe_ffn_hidden_size
+    topk = 1 if kind is LayerKind.DENSE else model.moe_router_topk
+    per_token = 2 * model.hidden_size / act.tsp + model.query_projection_size / act.tp
+    per_token += topk * (model.hidden_size / act.tsp + ffn / act.tp)
+    return FP8_CAST_BYTES * act.tokens * per_token
+
+
+def _overlapped_tp(tp_comm: float, gemm: float, s: Strategy, train: TrainSpec) -> float:
+    """What ``--tp-comm-overlap`` leaves exposed: the collectives run in ``tp`` chunks
+    alongside the GEMMs they feed, so the first chunk, or whatever exceeds the GEMMs."""
+    if not (train.tp_comm_overlap and s.sp) or tp_comm == 0:
+        return tp_comm
+    return max(tp_comm / s.tp, tp_comm - gemm)
+
+
 def item_cost(
     model: ModelSpec,
     cluster: ClusterSpec,
@@ -179,21 +228,29 @@ def item_cost(
     impl: Implementation = Implementation.TE,
 ) -> ItemCost:
     shape = Shape(mbs=s.mbs, seq=train.seq_length, tp=s.tp, cp=s.cp)
-    act = ActShape(mbs=s.mbs, seq=train.seq_length, tp=s.tp, cp=s.cp, sp=s.sp)
-    flops = item_flops(model, kind, shape)
     precision = train.precision
-    fwd_compute = _compute_time(flops, cluster, precision)
-    attn_fwd = _compute_time(Flops(attention=flops.attention), cluster, precision)
-    memory = _memory_time(_elementwise_bytes(model, kind, act), cluster)
-    tp = _tp_comm(model, kind, s, act, links.tp)
     decoder_like = kind in (LayerKind.DENSE, LayerKind.MOE, LayerKind.MTP)
-    cp_fwd, cp_bwd = _cp_comm(model, s, act, links.cp, attn_fwd) if decoder_like else (0.0, 0.0)
+    # Only Transformer Engine layers run fp8; the output layer stays in bf16.
+    fp8 = precision is Precision.FP8 and decoder_like
+    act = ActShape(mbs=s.mbs, seq=train.seq_length, tp=s.tp, cp=s.cp, sp=s.sp, fp8=fp8 and impl is Implementation.TE)
+    flops = item_flops(model, kind, shape)
+    gemm = _gemm_time(flops.gemm, cluster, precision if decoder_like else Precision.BF16)
+    core_fwd, core_bwd = _attention_core(model, flops, shape, cluster, impl)
+    elementwise = _elementwise_bytes(model, kind, act)
+    if fp8:
+        elementwise += _fp8_cast_bytes(model, kind, act)
+    memory = _memory_time(elementwise, cluster)
+    tp = _tp_comm(model, kind, s, act, links.tp)
+    if decoder_like:
+        tp = _overlapped_tp(tp, gemm, s, train)
+    cp_fwd, cp_bwd = _cp_comm(model, s, act, links.cp, core_fwd) if decoder_like else (0.0, 0.0)
     moe = kind is LayerKind.MOE or (kind is LayerKind.MTP and model.mtp_inner_kind is LayerKind.MOE)
     ep = _ep_comm(model, s, act, links.ep) if moe else 0.0
     selective = s.recompute is Recompute.SELECTIVE and decoder_like
-    fwd = PassTime(compute=fwd_compute, memory_bound=memory, tp_comm=tp, cp_comm=cp_fwd, ep_comm=ep)
+    fwd = PassTime(compute=gemm + core_fwd, memory_bound=memory, tp_comm=tp, cp_comm=cp_fwd, ep_comm=ep)
     bwd = PassTime(
-        compute=2 * fwd_compute + (attn_fwd if selective else 0.0),
+        # Selective recomputation repeats the attention core's forward before its backward.
+        compute=2 * gemm + core_bwd + (core_fwd if selective else 0.0),
         memory_bound=2 * memory,
         tp_comm=tp,
         cp_comm=cp_bwd,
@@ -206,7 +263,7 @@ def item_cost(
         bwd=bwd,
         recompute_s=fwd.total if decoder_like else 0.0,
         params=params,
-        static_bytes=static_bytes(params, s, precision),
+        static_bytes=static_bytes(params, s, precision, fp8_weights=fp8),
         act_bytes=item_bytes(model, kind, act, impl, selective=selective),
         ckpt_bytes=checkpoint_bytes(model, act) if decoder_like else 0.0,
     )
@@ -218,12 +275,13 @@ def _per_param(collective, nbytes: float, size: int, link: comm.Link) -> float:
     return (collective(nbytes * scale, size, link) - collective(0.0, size, link)) / scale
 
 
-def static_bytes(params: ParamCount, s: Strategy, precision: Precision) -> float:
+def static_bytes(params: ParamCount, s: Strategy, precision: Precision, *, fp8_weights: bool = False) -> float:
     """Weights, main gradients and Adam state; the distributed optimizer shards the Adam
-    state over the data-parallel group (times cp for dense, the expert-DP group for experts)."""
+    state over the data-parallel group (times cp for dense, the expert-DP group for experts).
+    ``fp8_weights``: Transformer Engine also caches an fp8 copy and transpose of the weights."""
     dense_shards = s.dp * s.cp if s.distributed_optimizer else 1
     expert_shards = s.edp if s.distributed_optimizer else 1
-    per_param = WEIGHT_BYTES + GRAD_BYTES + (FP8_WEIGHT_CACHE_BYTES if precision is Precision.FP8 else 0)
+    per_param = WEIGHT_BYTES + grad_bytes(precision) + (FP8_WEIGHT_CACHE_BYTES if fp8_weights else 0)
     return (
         params.dense * (per_param + ADAM_BYTES / dense_shards)
         + params.expert * (per_param + ADAM_BYTES / expert_shards)
@@ -239,10 +297,16 @@ def step_costs(
     impl: Implementation = Implementation.TE,
     item_cache: dict | None = None,
     source: CostSource | None = None,
+    p2p_scatter_gather: bool = False,
 ) -> StepCosts:
     """``item_cache`` shares item costs between strategies that differ only in vpp and the
     full-recompute method, which do not change them. ``source`` (a measured profile)
-    replaces the figures it has; the analytical model supplies the rest."""
+    replaces the figures it has; the analytical model supplies the rest.
+
+    ``p2p_scatter_gather`` models Megatron-LM before megatron-core (2021-22), which split
+    every pipeline message over the TP ranks and gathered it over NVLink on arrival; only
+    measurements of that era need it (megatron-core sends the whole activation without SP).
+    """
     links = comm.strategy_links(cluster, tp=s.tp, cp=s.cp, ep=s.ep, dp=s.dp, pp=s.pp)
     if source is not None:
         links = source.links(links)
@@ -258,12 +322,14 @@ def step_costs(
         if item_cache is not None:
             item_cache[key] = items
     act = ActShape(mbs=s.mbs, seq=train.seq_length, tp=s.tp, cp=s.cp, sp=s.sp)
-    p2p = comm.send_recv(BF16 * act.tokens * model.hidden_size / act.tsp, links.pp) if s.pp > 1 else 0.0
+    split = s.tp if p2p_scatter_gather else act.tsp
+    p2p = comm.send_recv(BF16 * act.tokens * model.hidden_size / split, links.pp) if s.pp > 1 else 0.0
 
     dense_group, expert_group = s.dp * s.cp, s.edp
     reduce = comm.reduce_scatter if s.distributed_optimizer else comm.all_reduce
-    dp_grad = _per_param(reduce, GRAD_BYTES, dense_group, links.dp)
-    edp_grad = _per_param(reduce, GRAD_BYTES, expert_group, links.edp)
+    grads = grad_bytes(train.precision)
+    dp_grad = _per_param(reduce, grads, dense_group, links.dp)
+    edp_grad = _per_param(reduce, grads, expert_group, links.edp)
     dp_gather = edp_gather = 0.0
     if s.distributed_optimizer:
         dp_gather = _per_param(comm.all_gather, WEIGHT_BYTES, dense_group, links.dp)
@@ -282,7 +348,7 @@ def step_costs(
     embedding_sync = 0.0
     if tied and s.pp > 1:
         words = model.padded_vocab_size(s.tp) * model.hidden_size / s.tp
-        embedding_sync = comm.all_reduce(GRAD_BYTES * words, 2, links.embedding)
+        embedding_sync = comm.all_reduce(grads * words, 2, links.embedding)
 
     transient = 0.0
     if s.recompute is Recompute.FULL:

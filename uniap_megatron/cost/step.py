@@ -74,6 +74,9 @@ class Estimate:
     ranks: tuple[RankEstimate, ...]
     stages: tuple[StageEstimate, ...]
     capacity_bytes: float
+    num_microbatches: int = 1
+    p2p_s: float = 0.0
+    """One message between neighbouring stages (the schedule simulator replays them)."""
 
     @property
     def peak_bytes(self) -> float:
@@ -202,4 +205,6 @@ def evaluate(costs: StepCosts, layout: Layout, model: ModelSpec, capacity_bytes:
         ranks=tuple(ranks),
         stages=stages,
         capacity_bytes=capacity_bytes,
+        num_microbatches=m,
+        p2p_s=costs.p2p_s,
     )

@@ -39,7 +39,9 @@ def megatron_args(s: Strategy, layout: Layout, train: TrainSpec) -> list[str]:
             "--recompute-num-layers", str(s.recompute_num_layers),
         ]
     args += ["--seq-length", str(train.seq_length)]
-    args.append("--bf16")
+    if s.sp and train.tp_comm_overlap:
+        args.append("--tp-comm-overlap")
+    args.append("--fp16" if train.precision is Precision.FP16 else "--bf16")
     if train.precision is Precision.FP8:
         args += ["--fp8-format", "hybrid"]
     return args

@@ -75,7 +75,7 @@ class ClusterSpec:
         return (self.memory_gib - self.memory_reserve_gib) * GIB
 
     def peak_flops(self, precision: str) -> float:
-        """Peak FLOP/s of the GEMMs at ``precision`` (bf16 or fp8)."""
+        """Peak FLOP/s of the GEMMs at ``precision`` (bf16 and fp16 share one peak; fp8)."""
         if precision == "fp8":
             if self.peak_tflops_fp8 is None:
                 raise InputError(
