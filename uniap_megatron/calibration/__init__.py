@@ -1,0 +1,1 @@
+"""Calibration of the analytical cost model against measured Megatron step times."""
