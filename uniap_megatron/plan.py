@@ -3,6 +3,10 @@
 ``Plan.to_dict()`` is the JSON document ``plan --json`` prints and ``plan.json`` holds.
 Everything in it except the ``timing`` section depends only on the input, so the same
 input gives the same bytes on every run and every rank.
+
+The search ranks plans by the closed-form pipeline time; before one is chosen, the best few
+are replayed by the discrete-event simulation of Megatron's schedule
+(``cost/simulate.py``) and re-ranked by its step time, ties kept in the search's order.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from uniap_megatron import __version__
 from uniap_megatron.cost.flops import model_flops_per_step
 from uniap_megatron.cost.params import total_params
+from uniap_megatron.cost.simulate import simulate_estimate
 from uniap_megatron.cost.step import GIB, Estimate
 from uniap_megatron.emit.megatron_args import megatron_args
 from uniap_megatron.solver.search import SearchResult, Solution
@@ -33,14 +38,18 @@ class Prediction:
     memory_capacity_gib: float
 
     @classmethod
-    def of(cls, est: Estimate, model: ModelSpec, cluster: ClusterSpec, train: TrainSpec) -> Prediction:
+    def of(
+        cls, est: Estimate, model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, step_time_s: float | None = None
+    ) -> Prediction:
+        """``step_time_s``: the simulated step time when there is one, else the closed form's."""
+        step = est.step_time_s if step_time_s is None else step_time_s
         tokens = train.tokens_per_step
         flops = model_flops_per_step(model, global_batch_size=train.global_batch_size, seq=train.seq_length)
         peak = cluster.peak_flops("bf16") * cluster.world_size
         return cls(
-            step_time_s=est.step_time_s,
-            tokens_per_s_per_gpu=tokens / est.step_time_s / cluster.world_size,
-            mfu=flops / est.step_time_s / peak,
+            step_time_s=step,
+            tokens_per_s_per_gpu=tokens / step / cluster.world_size,
+            mfu=flops / step / peak,
             peak_memory_gib=tuple(r.peak_gib for r in est.ranks),
             memory_capacity_gib=cluster.memory_gib,
         )
@@ -57,11 +66,14 @@ class Plan:
     prediction: Prediction
     alternatives: tuple[Solution, ...] = ()
     search: SearchResult | None = None
+    simulated_step_s: tuple[float, ...] = ()
+    """Simulated step time of the plan and of each alternative, in that order."""
     cost_sources: tuple[tuple[str, str], ...] = (("compute", "analytical"), ("communication", "analytical"), ("memory", "analytical"))
 
     @classmethod
     def from_search(cls, result: SearchResult, model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, **extra) -> Plan:
-        best = result.best
+        ranked = rerank((result.best, *result.alternatives))
+        best, best_s = ranked[0]
         return cls(
             model=model,
             cluster=cluster,
@@ -69,11 +81,18 @@ class Plan:
             strategy=best.strategy,
             layout=best.layout,
             estimate=best.estimate,
-            prediction=Prediction.of(best.estimate, model, cluster, train),
-            alternatives=result.alternatives,
+            prediction=Prediction.of(best.estimate, model, cluster, train, step_time_s=best_s),
+            alternatives=tuple(solution for solution, _ in ranked[1:]),
             search=result,
+            simulated_step_s=tuple(step for _, step in ranked),
             **extra,
         )
+
+    def alternative_step_s(self, index: int) -> float:
+        """Simulated step time of ``alternatives[index]`` (closed form if not simulated)."""
+        if len(self.simulated_step_s) == len(self.alternatives) + 1:
+            return self.simulated_step_s[index + 1]
+        return self.alternatives[index].estimate.step_time_s
 
     @property
     def megatron_args(self) -> list[str]:
@@ -90,6 +109,7 @@ class Plan:
             "layout": self.layout.to_megatron(),
             "predicted": {
                 "step_time_s": _r(p.step_time_s),
+                "closed_form_step_time_s": _r(e.step_time_s),
                 "tokens_per_s_per_gpu": _r(p.tokens_per_s_per_gpu),
                 "mfu": _r(p.mfu),
                 "peak_memory_gib": [_r(x) for x in p.peak_memory_gib],
@@ -123,10 +143,11 @@ class Plan:
                 {
                     "strategy": a.strategy.to_dict(),
                     "layout": a.layout.to_megatron(),
-                    "step_time_s": _r(a.estimate.step_time_s),
+                    "step_time_s": _r(self.alternative_step_s(i)),
+                    "closed_form_step_time_s": _r(a.estimate.step_time_s),
                     "peak_memory_gib": _r(a.estimate.peak_bytes / GIB),
                 }
-                for a in self.alternatives
+                for i, a in enumerate(self.alternatives)
             ],
             "cost_sources": dict(self.cost_sources),
         }
@@ -148,6 +169,14 @@ class Plan:
 
     def to_json(self, *, with_timing: bool = True) -> str:
         return json.dumps(self.to_dict(with_timing=with_timing), indent=2, sort_keys=False) + "\n"
+
+
+def rerank(candidates: tuple[Solution, ...]) -> list[tuple[Solution, float]]:
+    """The candidates with their simulated step times, fastest first; equal times keep the
+    search's order, so the choice is deterministic."""
+    simulated = [simulate_estimate(c.estimate, record=False).step_time_s for c in candidates]
+    order = sorted(range(len(candidates)), key=lambda i: (round(simulated[i], 12), i))
+    return [(candidates[i], simulated[i]) for i in order]
 
 
 def _r(x: float, digits: int = 6) -> float:

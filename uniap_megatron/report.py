@@ -78,10 +78,12 @@ def terms_table(plan: Plan) -> Table:
     t = Table(title="Step time, by term", title_justify="left", show_header=False, box=None, padding=(0, 2))
     t.add_column()
     t.add_column(justify="right")
+    simulated = plan.prediction.step_time_s
     for name, value in (("pipeline (forward, backward, p2p)", e.pipeline_s), ("  of which bubble", e.bubble_s),
                         ("exposed data-parallel communication", e.dp_exposed_s), ("optimizer step", e.optimizer_s),
                         ("embedding gradient sync", e.embedding_sync_s), ("fixed overhead", e.overhead_s),
-                        ("step", e.step_time_s)):
+                        ("step (closed form)", e.step_time_s),
+                        ("step (schedule simulated)", simulated)):
         t.add_row(name, f"{value * 1e3:,.1f} ms")
     return t
 
@@ -93,11 +95,11 @@ def alternatives_table(plan: Plan) -> Table | None:
     t = Table(title="Next best plans", title_justify="left")
     for col in ("strategy", "layout", "step s", "vs best", "peak GiB"):
         t.add_column(col)
-    for a in plan.alternatives:
+    for i, a in enumerate(plan.alternatives):
         layout = a.layout.to_megatron()
+        step = plan.alternative_step_s(i)
         t.add_row(a.strategy.short(), layout if len(layout) <= 48 else layout[:45] + "...",
-                  f"{a.estimate.step_time_s:.3f}", f"+{a.estimate.step_time_s / best - 1:.1%}",
-                  f"{a.estimate.peak_bytes / GIB:.1f}")
+                  f"{step:.3f}", f"+{step / best - 1:.1%}", f"{a.estimate.peak_bytes / GIB:.1f}")
     return t
 
 
