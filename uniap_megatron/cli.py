@@ -114,8 +114,20 @@ def _progress_bar(enabled: bool):
     return progress, update
 
 
+def gantt_path(cfg) -> Path | None:
+    """The ``gantt=FILE`` the user asked for, checked before any planning."""
+    value = cfg.get("gantt")
+    if not value:
+        return None
+    path = Path(str(value))
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise InputError(f"gantt ({value}) must name a .png, .svg or .pdf file.")
+    return path
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = compose(args.overrides)
+    gantt = gantt_path(cfg)
     interactive = sys.stderr.isatty() and not args.quiet
     progress, update = _progress_bar(interactive)
     if progress is not None:
@@ -123,6 +135,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             plan = make_plan(cfg, progress=update)
     else:
         plan = make_plan(cfg)
+    if gantt:
+        from uniap_megatron.gantt import write_gantt
+
+        write_gantt(plan, gantt)
     output_dir = cfg.get("output_dir")
     if output_dir:
         from uniap_megatron.emit.recipe import recipe_yaml
@@ -141,6 +157,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         render(plan, console)
         if output_dir:
             console.print(f"Wrote {Path(str(output_dir)) / 'plan.json'} and {Path(str(output_dir)) / 'recipe.yaml'}")
+        if gantt:
+            console.print(f"Wrote the simulated iteration to {gantt}")
     return 0
 
 
