@@ -95,7 +95,7 @@ def summary(rows: list[RowPrediction]) -> dict:
 
 def print_table(title: str, rows: list[RowPrediction]) -> None:
     print(title)
-    header = f"{'id':7} {'model':12} {'gpus':>5} {'configuration':42} {'measured':>9} {'predicted':>9} {'error':>7}  memory GiB"
+    header = f"{'id':7} {'model':12} {'gpus':>5} {'configuration':48} {'measured':>9} {'predicted':>9} {'error':>7}  memory GiB"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -105,7 +105,7 @@ def print_table(title: str, rows: list[RowPrediction]) -> None:
         if r.chosen:
             config += " *"
         print(
-            f"{m.id:7} {m.model_name[:12]:12} {m.num_gpus:5d} {config[:42]:42} {m.step_s:8.2f}s "
+            f"{m.id:7} {m.model_name[:12]:12} {m.num_gpus:5d} {config[:48]:48} {m.step_s:8.2f}s "
             f"{r.predicted_s:8.2f}s {r.error:+7.1%}  {memory}"
         )
     s = summary(rows)
@@ -144,14 +144,15 @@ def main(argv: list[str] | None = None) -> int:
             fitted_rows += list(result.rows)
             out["fitted"][gpu] = {**result.constants.to_dict(), "loss": round(result.loss, 6),
                                   "evaluations": result.evaluations}
-        order = {c.measurement.id: i for i, c in enumerate(cases)}
-        fitted_rows.sort(key=lambda r: order[r.measurement.id])
+        fitted_rows.sort(key=lambda r: [c.measurement.id for c in cases].index(r.measurement.id))
         out["fitted"].update(summary(fitted_rows))
 
     loso_rows = None
     if not args.no_loso:
         loso = leave_one_source_out(cases, progress=lambda src: note(f"leave-one-source-out: refitting without {src}"))
-        loso_rows = [r for _, predictions in loso.values() for r in predictions]
+        order = {c.measurement.id: i for i, c in enumerate(cases)}
+        loso_rows = sorted((r for _, predictions in loso.values() for r in predictions),
+                           key=lambda r: order[r.measurement.id])
         out["loso"] = {
             **summary(loso_rows),
             "constants": {src: {gpu: c.to_dict() for gpu, c in constants.items()} for src, (constants, _) in loso.items()},

@@ -35,6 +35,11 @@ def _scale(seconds: float) -> tuple[float, str]:
     return (1e3, "ms") if seconds < 10 else (1.0, "s")
 
 
+def _num(value: float) -> str:
+    """Three significant digits without scientific notation."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def figure(plan, simulation: Simulation | None = None):
     """The matplotlib figure of ``plan``'s iteration (a ``uniap_megatron.plan.Plan``)."""
     import matplotlib
@@ -48,7 +53,7 @@ def figure(plan, simulation: Simulation | None = None):
     tl = sim.timeline
     pp = tl.pp
     tails = [r.dp_exposed_s + r.optimizer_s for r in est.ranks]
-    end = tl.makespan_s + max(tails) + est.embedding_sync_s + est.overhead_s
+    end = tl.makespan_s + max(tails)  # the fixed per-step overhead is named, not drawn
     factor, unit = _scale(end)
 
     top, bottom = 0.8, 1.0  # inches: titles above, axis labels and legend below
@@ -70,7 +75,7 @@ def figure(plan, simulation: Simulation | None = None):
                 bars = [(s * factor, w * factor) for s, w in groups.get((r, kind, parity), [])]
                 ax.broken_barh(bars, (y - 0.4, 0.8), color=colors[parity], edgecolor="white", linewidth=edge, zorder=2)
         transfers = [(s * factor, w * factor) for kind in ("send", "recv") for s, w in groups.get((r, kind, 0), [])]
-        ax.broken_barh(transfers, (y - 0.48, 0.12), color=P2P, zorder=3)
+        ax.broken_barh(transfers, (y - 0.47, 0.07), color=P2P, zorder=3)
         if tails[r] > 0:
             ax.broken_barh([(tl.makespan_s * factor, tails[r] * factor)], (y - 0.4, 0.8), color=TAIL, hatch="//",
                            edgecolor="white", linewidth=0.0, zorder=2)
@@ -89,10 +94,11 @@ def figure(plan, simulation: Simulation | None = None):
     ax.set_xlim(0, end * factor * 1.07)
     ax.set_xlabel(f"time in the iteration ({unit})")
     ax.grid(axis="x", color="#DDDDDD", linewidth=0.6, zorder=-1)
-    vpp_note = f", {tl.vpp} chunks per rank (darker: even chunks)" if tl.vpp > 1 else ""
+    chunks = f", {tl.vpp} chunks per rank" if tl.vpp > 1 else ""
     ax.set_title(
-        f"Simulated iteration: {tl.num_microbatches} micro-batches, pipeline {tl.makespan_s * factor:,.1f} {unit}"
-        f"{vpp_note}; step {sim.step_time_s * factor:,.1f} {unit}",
+        f"Simulated iteration: {tl.num_microbatches} micro-batches{chunks}; pipeline {_num(tl.makespan_s * factor)} "
+        f"{unit}, step {_num(sim.step_time_s * factor)} {unit} (with {_num((est.overhead_s + est.embedding_sync_s) * factor)}"
+        f" {unit} fixed)",
         fontsize=10, loc="left",
     )
     usable = est.capacity_bytes / GIB
@@ -113,8 +119,8 @@ def figure(plan, simulation: Simulation | None = None):
     mem.set_title("Peak memory per rank", fontsize=10, loc="left")
     mem.grid(axis="x", color="#DDDDDD", linewidth=0.6, zorder=-1)
     handles = [
-        Patch(color=FORWARD[0], label="forward"),
-        Patch(color=BACKWARD[0], label="backward (with recomputation)"),
+        Patch(color=FORWARD[0], label="forward" + (" (lighter: odd chunks)" if tl.vpp > 1 else "")),
+        Patch(color=BACKWARD[0], label="backward with recomputation"),
         Patch(color=P2P, label="p2p transfer"),
         Patch(color=IDLE, label="idle (bubble, waits)"),
         Patch(facecolor=TAIL, hatch="//", edgecolor="white", label="grad sync + optimizer"),
