@@ -43,6 +43,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -62,36 +63,20 @@ def profile_path(cfg, profile: str | None = None) -> str | None:
     return value
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def make_plan(cfg, progress=None, *, profile: str | None = None):
-    """Plan from a composed config: the library entry point behind ``plan`` (and the Hydra
-    callback). ``profile`` (or the config's ``profile`` key) names a profile file whose
-    measured costs replace the analytical ones where it has them."""
-    from uniap_megatron.cost.activations import Implementation
-    from uniap_megatron.plan import Plan
-    from uniap_megatron.solver.program import SolverOptions
-    from uniap_megatron.solver.search import SearchOptions, search
+    """Plan from a composed config: the library entry point behind ``plan``. ``profile`` (or
+    the config's ``profile`` key) names a profile file whose measured costs replace the
+    analytical ones where it has them."""
+    from uniap_megatron.planner import plan_request
     from uniap_megatron.spec.config import request_from_config
 
-    req = request_from_config(cfg)
-    implementation = Implementation(req.implementation)
-    path = profile_path(cfg, profile)
-    source = None
-    if path is not None:
-        from uniap_megatron.cost.measured import ProfileSource
-
-        source = ProfileSource.from_file(path, req.model, req.cluster, req.train, implementation)
-    options = SearchOptions(
-        solver=SolverOptions(name=req.solver.name, time_limit_s=req.solver.time_limit_s),
-        top_k=req.solver.top_k,
-        max_programs=req.solver.max_programs,
-        implementation=implementation,
-        cost_source=source,
-    )
-    result = search(req.model, req.cluster, req.train, req.pins, options, progress=progress)
-    extra = {}
-    if source is not None:
-        extra["cost_sources"] = (("profile", path), *source.sources(result.best.strategy).items())
-    return Plan.from_search(result, req.model, req.cluster, req.train, **extra)
+    return plan_request(request_from_config(cfg), progress=progress, profile=profile_path(cfg, profile))
 
 
 def _progress_bar(enabled: bool):

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from uniap_megatron.emit.stage_split import stage_split
 from uniap_megatron.space.layout import Layout
 from uniap_megatron.space.strategy import Recompute, Strategy
 from uniap_megatron.spec.model import ModelSpec
 from uniap_megatron.spec.train import Precision, TrainSpec
 
 
-def megatron_args(s: Strategy, layout: Layout, train: TrainSpec) -> list[str]:
+LAYOUT_STYLES = ("layout", "first_last")
+
+
+def megatron_args(s: Strategy, layout: Layout, train: TrainSpec, *, layout_style: str = "layout") -> list[str]:
     """The parallel, batch and recompute flags of a plan, in a fixed order.
 
     The layout carries the virtual pipeline size (stages / pp), so
-    ``--num-virtual-stages-per-pipeline-rank`` is not repeated next to it.
+    ``--num-virtual-stages-per-pipeline-rank`` is not repeated next to it. With
+    ``layout_style="first_last"`` (Megatron-LM without ``--pipeline-model-parallel-layout``)
+    the layout becomes first/last-stage layer counts plus the virtual stage count, or an
+    ``InputError`` says why it cannot.
     """
     args = [
         "--tensor-model-parallel-size", str(s.tp),
@@ -24,7 +31,7 @@ def megatron_args(s: Strategy, layout: Layout, train: TrainSpec) -> list[str]:
     if s.sp:
         args.append("--sequence-parallel")
     if s.pp > 1:
-        args += ["--pipeline-model-parallel-layout", layout.to_megatron()]
+        args += _pipeline_args(s, layout, layout_style)
     args += ["--micro-batch-size", str(s.mbs), "--global-batch-size", str(train.global_batch_size)]
     if s.distributed_optimizer:
         args += ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
@@ -44,6 +51,21 @@ def megatron_args(s: Strategy, layout: Layout, train: TrainSpec) -> list[str]:
     args.append("--fp16" if train.precision is Precision.FP16 else "--bf16")
     if train.precision is Precision.FP8:
         args += ["--fp8-format", "hybrid"]
+    return args
+
+
+def _pipeline_args(s: Strategy, layout: Layout, layout_style: str) -> list[str]:
+    if layout_style == "layout":
+        return ["--pipeline-model-parallel-layout", layout.to_megatron()]
+    assert layout_style == "first_last", layout_style
+    split = stage_split(layout)
+    args = []
+    if split.first is not None:
+        args += ["--decoder-first-pipeline-num-layers", str(split.first)]
+    if split.last is not None:
+        args += ["--decoder-last-pipeline-num-layers", str(split.last)]
+    if s.vpp > 1:
+        args += ["--num-virtual-stages-per-pipeline-rank", str(s.vpp)]
     return args
 
 

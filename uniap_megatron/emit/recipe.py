@@ -1,40 +1,40 @@
 """A Megatron-Bridge / NeMo 2 recipe override YAML for a plan: megatron-core field names
-on ``model``, batch sizes on ``train``, optimizer sharding and overlaps on ``ddp``."""
+on ``model``, batch sizes on ``train``, optimizer sharding and overlaps on ``ddp`` (and on
+``optimizer``, which Megatron-Bridge keeps in step with ``ddp``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from omegaconf import OmegaConf
 
-from uniap_megatron.space.strategy import Recompute
+from uniap_megatron.emit.config_keys import BRIDGE_KEYS, keyed_values
 
 
-def recipe_dict(plan) -> dict:
-    s = plan.strategy
-    full = s.recompute is Recompute.FULL
+def bridge_values(plan, *, layout_style: str = "layout") -> dict[str, Any]:
+    """What the plan decides, under Megatron-Bridge ``ConfigContainer`` paths."""
+    distopt = plan.strategy.distributed_optimizer
     return {
-        "model": {
-            "tensor_model_parallel_size": s.tp,
-            "pipeline_model_parallel_size": s.pp,
-            "virtual_pipeline_model_parallel_size": s.vpp if s.vpp > 1 else None,
-            "context_parallel_size": s.cp,
-            "expert_model_parallel_size": s.ep,
-            "sequence_parallel": s.sp,
-            "pipeline_model_parallel_layout": plan.layout.to_megatron() if s.pp > 1 else None,
-            "recompute_granularity": None if s.recompute is Recompute.NONE else s.recompute.value,
-            "recompute_method": s.recompute_method.value if full else None,
-            "recompute_num_layers": s.recompute_num_layers if full else None,
-            "seq_length": plan.train.seq_length,
-        },
-        "train": {
-            "micro_batch_size": s.mbs,
-            "global_batch_size": plan.train.global_batch_size,
-        },
-        "ddp": {
-            "use_distributed_optimizer": s.distributed_optimizer,
-            "overlap_grad_reduce": True,
-            "overlap_param_gather": s.distributed_optimizer,
-        },
+        **keyed_values(plan, BRIDGE_KEYS, layout_style),
+        "ddp.use_distributed_optimizer": distopt,
+        "ddp.overlap_grad_reduce": True,
+        "ddp.overlap_param_gather": distopt,
+        "optimizer.use_distributed_optimizer": distopt,
     }
+
+
+def recipe_dict(plan, *, layout_style: str = "layout") -> dict:
+    """The override document: the plan's values plus the sequence length and global batch
+    it was made for."""
+    flat = {
+        "model.seq_length": plan.train.seq_length,
+        "train.global_batch_size": plan.train.global_batch_size,
+        **bridge_values(plan, layout_style=layout_style),
+    }
+    nested: dict = {}
+    for section in ("model", "train", "ddp", "optimizer"):
+        nested[section] = {k.split(".", 1)[1]: v for k, v in flat.items() if k.split(".", 1)[0] == section}
+    return nested
 
 
 def recipe_header(plan) -> str:
@@ -55,5 +55,6 @@ def recipe_header(plan) -> str:
     return "".join(f"# {line}\n" for line in lines)
 
 
-def recipe_yaml(plan) -> str:
-    return recipe_header(plan) + OmegaConf.to_yaml(OmegaConf.create(recipe_dict(plan)), sort_keys=False)
+def recipe_yaml(plan, *, layout_style: str = "layout", header: str | None = None) -> str:
+    body = OmegaConf.to_yaml(OmegaConf.create(recipe_dict(plan, layout_style=layout_style)), sort_keys=False)
+    return (recipe_header(plan) if header is None else header) + body
