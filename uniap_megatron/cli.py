@@ -1,4 +1,4 @@
-"""``uniap-megatron``: plan and profile (and later validate, launch) from the command line.
+"""``uniap-megatron``: plan, profile and launch from the command line.
 
 Configuration is Hydra's: ``key=value`` overrides on the embedded configs
 (``hydra_configs/``). Errors in the input end with one paragraph and exit code 2.
@@ -110,16 +110,18 @@ def gantt_path(cfg) -> Path | None:
     return path
 
 
+def _plan_with_progress(cfg, *, quiet: bool):
+    progress, update = _progress_bar(sys.stderr.isatty() and not quiet)
+    if progress is None:
+        return make_plan(cfg)
+    with progress:
+        return make_plan(cfg, progress=update)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = compose(args.overrides)
     gantt = gantt_path(cfg)
-    interactive = sys.stderr.isatty() and not args.quiet
-    progress, update = _progress_bar(interactive)
-    if progress is not None:
-        with progress:
-            plan = make_plan(cfg, progress=update)
-    else:
-        plan = make_plan(cfg)
+    plan = _plan_with_progress(cfg, quiet=args.quiet)
     if gantt:
         from uniap_megatron.gantt import write_gantt
 
@@ -168,6 +170,59 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    from uniap_megatron.emit.launch import LaunchOptions, Target, sbatch_script, script_args, torchrun_script
+    from uniap_megatron.emit.recipe import recipe_yaml
+
+    target = Target(args.target)
+    if target is Target.BRIDGE and not args.script:
+        raise InputError("--script must name the Megatron-Bridge training script (it is given --config-file <recipe>).")
+    plan = _plan_with_progress(compose(args.overrides), quiet=args.quiet)
+    out = Path(args.output_dir).resolve()
+    recipe = out / "recipe.yaml"
+    options = LaunchOptions(
+        target=target,
+        script=args.script or "pretrain_gpt.py",
+        config_file=str(recipe) if target is Target.BRIDGE else None,
+        extra_args=tuple(shlex.split(args.extra_args)),
+        layout_style=args.layout_style,
+        torchrun=args.torchrun,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        job_name=args.job_name,
+        partition=args.partition,
+        account=args.account,
+        time=args.time,
+        container_image=args.container_image,
+    )
+    # Render everything before writing anything, so that an error leaves no partial output.
+    files = {"plan.json": plan.to_json(with_timing=False)}
+    if target is Target.BRIDGE:
+        files["recipe.yaml"] = recipe_yaml(plan, layout_style=args.layout_style)
+    script_args(plan, options)  # raises for a layout the chosen Megatron cannot express
+    files["torchrun.sh"] = torchrun_script(plan, options)
+    files["sbatch.sh"] = sbatch_script(plan, options)
+    for name, text in files.items():
+        _write_atomic(out / name, text)
+    for name in ("torchrun.sh", "sbatch.sh"):
+        (out / name).chmod(0o755 & ~_umask())
+    print(f"Plan: {plan.strategy.short()}, layout {plan.layout.to_megatron()}, "
+          f"predicted step {plan.prediction.step_time_s:.3f} s", file=sys.stderr)
+    print(f"Wrote {', '.join(str(out / n) for n in files)}", file=sys.stderr)
+    if plan.cluster.num_nodes > 1:
+        print(f"Start: sbatch {out / 'sbatch.sh'}   (or on every node: MASTER_ADDR=<first node> {out / 'torchrun.sh'})",
+              file=sys.stderr)
+    else:
+        print(f"Start: {out / 'torchrun.sh'}   (Slurm: sbatch {out / 'sbatch.sh'})", file=sys.stderr)
+    if args.run:
+        sys.stderr.flush()
+        return subprocess.run(["bash", str(out / "torchrun.sh")]).returncode
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uniap-megatron",
@@ -196,6 +251,33 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--json", action="store_true", help="print the whole profile as JSON on stdout")
     profile.add_argument("--quiet", action="store_true", help="no progress display")
     profile.set_defaults(func=cmd_profile)
+
+    launch = sub.add_parser(
+        "launch",
+        help="plan, then write (and with --run, start) the torchrun and Slurm scripts for training",
+        description="Plan as `plan` does, then write plan.json, torchrun.sh (one node, or each node of "
+        "several with a c10d rendezvous at $MASTER_ADDR) and sbatch.sh (Slurm) into --output-dir, for "
+        "Megatron-LM's pretrain_gpt.py or a Megatron-Bridge script (which gets --config-file recipe.yaml).",
+    )
+    launch.add_argument("overrides", nargs="*", help="Hydra overrides, key=value (as for plan)")
+    launch.add_argument("--target", choices=("megatron-lm", "bridge"), default="megatron-lm")
+    launch.add_argument("--script", help="training script (default: pretrain_gpt.py for megatron-lm)")
+    launch.add_argument("--extra-args", default="", metavar="ARGS",
+                        help="more arguments for the training script, one string: --extra-args='--mock-data ...'")
+    launch.add_argument("--output-dir", default="launch", help="where the scripts go (default: ./launch)")
+    launch.add_argument("--layout-style", choices=("layout", "first_last"), default="layout",
+                        help="first_last: Megatron without --pipeline-model-parallel-layout")
+    launch.add_argument("--torchrun", default="torchrun", help="the torchrun command (default: torchrun)")
+    launch.add_argument("--master-addr", help="rendezvous host for several nodes (default: $MASTER_ADDR at run time)")
+    launch.add_argument("--master-port", type=int, default=29500)
+    launch.add_argument("--job-name", help="Slurm job name (default: uniap-<model>)")
+    launch.add_argument("--partition", help="Slurm partition")
+    launch.add_argument("--account", help="Slurm account")
+    launch.add_argument("--time", help="Slurm time limit, e.g. 04:00:00")
+    launch.add_argument("--container-image", help="run under srun --container-image (pyxis)")
+    launch.add_argument("--run", action="store_true", help="start torchrun.sh on this machine once written")
+    launch.add_argument("--quiet", action="store_true", help="no progress display")
+    launch.set_defaults(func=cmd_launch)
     return parser
 
 
