@@ -50,6 +50,7 @@ class AutoParallelSettings:
     precision: str | None = None
     layout_keys: str = "layout"
     implementation: str = "te"
+    profile: str | None = None
     solver: dict = field(default_factory=dict)
     plan_file: str | None = "uniap_plan.json"
     keep_section: bool = False

@@ -78,7 +78,7 @@ def plan_and_inject(cfg: DictConfig, overrides: list[str], settings: AutoParalle
 
     app = read_request(cfg, overrides, settings)
     try:
-        plan = plan_request(app.request)
+        plan = plan_request(app.request, profile=settings.profile)
         values = planned_values(plan, app.target, settings.layout_keys)
     except UniapError as err:
         err.args = (app.translate(str(err)),)
