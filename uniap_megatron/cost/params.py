@@ -3,6 +3,11 @@
 Counts are exact for megatron-core's GPT model (tests build the real modules per rank and
 compare). Row-parallel biases and norms are replicated over tensor parallelism; column- and
 row-parallel weights are split by ``tp``; expert weights by ``etp`` and ``ep``.
+
+With MTP layers, megatron-core places the final norm with the last decoder layer instead of
+the loss, and the MTP stage keeps its own copy of the word embedding (pp > 1). Both are
+charged to the MTP layers, which Megatron keeps in one stage: exact when that stage also
+holds the last decoder layer, ``h`` parameters off otherwise.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ def decoder_layer_params(model: ModelSpec, kind: LayerKind, *, tp: int, ep: int)
         return ParamCount(dense + _mlp(model, model.ffn_hidden_size, tp))
     assert kind is LayerKind.MOE and model.is_moe
     dense += model.hidden_size * model.num_moe_experts  # router, replicated
+    if model.add_bias_linear:
+        dense += model.num_moe_experts  # the router's bias
     if model.moe_shared_expert_intermediate_size:
         dense += _mlp(model, model.moe_shared_expert_intermediate_size, tp)
     local_experts = model.num_moe_experts // ep
@@ -75,21 +82,27 @@ def embedding_params(model: ModelSpec, *, tp: int) -> ParamCount:
 
 
 def output_params(model: ModelSpec, *, tp: int, shares_embedding_stage: bool) -> ParamCount:
-    """Final norm and output layer. A tied output layer reuses the embedding weight only
-    when both sit in the same model chunk (pp = 1); otherwise the last stage keeps a copy."""
-    count = _norm(model, model.hidden_size)
+    """Final norm (without MTP) and output layer. A tied output layer reuses the embedding
+    weight only when both sit in the same model chunk (pp = 1); otherwise the last stage
+    keeps a copy."""
+    count = 0 if model.mtp_layers else _norm(model, model.hidden_size)
     tied = not model.untie_embeddings_and_output_weights
     if not (tied and shares_embedding_stage):
         count += model.padded_vocab_size(tp) * model.hidden_size // tp
     return ParamCount(count)
 
 
-def mtp_layer_params(model: ModelSpec, *, tp: int, ep: int) -> ParamCount:
+def mtp_layer_params(model: ModelSpec, *, tp: int, ep: int, pp: int = 1) -> ParamCount:
     """One MTP layer: two input norms, the projection of [hidden; embedding] to hidden,
-    a transformer layer and its final norm (the embedding and output weights are shared)."""
-    h = model.hidden_size
+    a transformer layer and its final norm; plus its share of what the MTP stage holds once:
+    the model's final norm and, with pp > 1, a copy of the word embedding (the output layer
+    stays with the loss)."""
+    h, n = model.hidden_size, model.mtp_layers
     extra = 2 * _norm(model, h) + 2 * h * h // tp + _norm(model, h)
-    return decoder_layer_params(model, model.mtp_inner_kind, tp=tp, ep=ep) + ParamCount(extra)
+    once = _norm(model, h)
+    if pp > 1:
+        once += model.padded_vocab_size(tp) * h // tp
+    return decoder_layer_params(model, model.mtp_inner_kind, tp=tp, ep=ep) + ParamCount(extra + once // n)
 
 
 def item_params(model: ModelSpec, kind: LayerKind, *, tp: int, ep: int, pp: int) -> ParamCount:
@@ -98,7 +111,7 @@ def item_params(model: ModelSpec, kind: LayerKind, *, tp: int, ep: int, pp: int)
     if kind is LayerKind.LOSS:
         return output_params(model, tp=tp, shares_embedding_stage=pp == 1)
     if kind is LayerKind.MTP:
-        return mtp_layer_params(model, tp=tp, ep=ep)
+        return mtp_layer_params(model, tp=tp, ep=ep, pp=pp)
     return decoder_layer_params(model, kind, tp=tp, ep=ep)
 
 
