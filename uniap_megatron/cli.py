@@ -1,4 +1,4 @@
-"""``uniap-megatron``: plan, profile and launch from the command line.
+"""``uniap-megatron``: plan, profile, validate and launch from the command line.
 
 Configuration is Hydra's: ``key=value`` overrides on the embedded configs
 (``hydra_configs/``). Errors in the input end with one paragraph and exit code 2.
@@ -223,6 +223,37 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    import json
+    import logging
+    import warnings
+
+    from rich.console import Console
+
+    # torch and megatron-core warn about absent GPU packages (CUDA, Apex, Transformer Engine)
+    # and log deprecations; none of that concerns a CPU check. Megatron-LM's warnings about
+    # the flags themselves are collected by the check and shown in the summary.
+    for name in ("megatron", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    status = Console(stderr=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from uniap_megatron.validate import load_plan, validate_plan
+        from uniap_megatron.validate.summary import render, to_dict
+
+        doc = load_plan(args.plan)
+        if not args.quiet and not args.json and status.is_terminal:
+            with status.status("checking the plan against megatron-core and Megatron-LM"):
+                report = validate_plan(doc, build=not args.no_build, max_ranks=args.max_ranks)
+        else:
+            report = validate_plan(doc, build=not args.no_build, max_ranks=args.max_ranks)
+    if args.json:
+        sys.stdout.write(json.dumps(to_dict(report), indent=2) + "\n")
+    else:
+        render(report, Console())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uniap-megatron",
@@ -278,6 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--run", action="store_true", help="start torchrun.sh on this machine once written")
     launch.add_argument("--quiet", action="store_true", help="no progress display")
     launch.set_defaults(func=cmd_launch)
+
+    validate = sub.add_parser(
+        "validate",
+        help="check a plan against the real megatron-core and Megatron-LM (CPU)",
+        description="Check a plan written by `plan output_dir=DIR` (plan.json, or a YAML of the same "
+        "content): megatron-core's TransformerConfig and layout, Megatron-LM's parse_args and "
+        "validate_args on its flags, and the real model built on every tp x pp x ep rank over gloo, "
+        "parameters per GPU against the prediction. Exit code 2 lists every disagreement.",
+    )
+    validate.add_argument("plan", help="plan.json (or .yaml) written by `uniap-megatron plan output_dir=DIR`")
+    validate.add_argument("--no-build", action="store_true", help="check configs and flags only; build no model")
+    validate.add_argument(
+        "--max-ranks", type=int, default=64, metavar="N",
+        help="build the model only when tp x pp x ep <= N processes (default 64)",
+    )
+    validate.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    validate.add_argument("--quiet", action="store_true", help="no progress display")
+    validate.set_defaults(func=cmd_validate)
     return parser
 
 

@@ -22,6 +22,15 @@ class InfeasibleError(UniapError):
     """No strategy satisfies the constraints (memory, divisibility, pins)."""
 
 
+class ValidationError(UniapError):
+    """Megatron (megatron-core or Megatron-LM's argument checks) disagrees with a plan."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"the plan does not hold against Megatron ({len(self.problems)} problem(s)):\n{lines}")
+
+
 class SolverError(UniapError):
     """The mixed integer program could not be solved (solver missing, failed, timed out)."""
 
