@@ -35,7 +35,7 @@ from unittest import mock
 
 from uniap_megatron.emit.megatron_args import model_args
 from uniap_megatron.spec.cluster import ClusterSpec
-from uniap_megatron.validate.core_config import megatron_error
+from uniap_megatron.validate.core_config import Rejection, megatron_error
 from uniap_megatron.validate.plan_file import PlanDocument
 
 # Architecture major versions by GPU name; others follow cluster.cuda_device_max_connections_needed.
@@ -67,7 +67,8 @@ class ArgumentCheck:
     config: object | None = None
     """The ``TransformerConfig`` Megatron-LM derives from the flags."""
     padded_vocab_size: int | None = None
-    problems: list[str] = field(default_factory=list)
+    problems: list = field(default_factory=list)
+    """Strings, and :class:`Rejection` where one of Megatron's checks refused."""
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -106,19 +107,18 @@ def check_arguments(doc: PlanDocument) -> ArgumentCheck:
             try:
                 args = parse_args()
             except SystemExit:
-                result.problems.append(f"Megatron-LM's parser rejects the flags: {_parser_error(out.getvalue())}")
+                result.problems.append(Rejection("Megatron-LM's parser", "the flags", _parser_error(out.getvalue())))
                 return result
             try:
                 validate_args(args)
             except Exception as err:  # noqa: BLE001 - every failure of Megatron's checks is reported
-                result.problems.append(f"Megatron-LM validate_args rejects the flags: {megatron_error(err)}")
+                result.problems.append(Rejection("Megatron-LM validate_args", "the flags", megatron_error(err)))
                 return result
             try:
                 result.config = core_transformer_config_from_args(_without_missing_kernels(args, result))
             except Exception as err:  # noqa: BLE001
                 result.problems.append(
-                    f"megatron-core TransformerConfig rejects the config Megatron-LM derives from the flags: "
-                    f"{megatron_error(err)}"
+                    Rejection("megatron-core TransformerConfig (from Megatron-LM's flags)", "the flags", megatron_error(err))
                 )
             result.padded_vocab_size = calculate_padded_vocab_size(
                 args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size,

@@ -152,8 +152,8 @@ def _rank_main(target, rank: int, world_size: int, init: str, payload, results) 
         value = target(rank, world_size, payload)
         results.put((rank, True, value))
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises
-        last = traceback.extract_tb(err.__traceback__)[-1]
-        where = f"{Path(last.filename).name}:{last.lineno}"
+        frames = traceback.extract_tb(err.__traceback__)[-3:]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
         text = " ".join(str(err).split()) or type(err).__name__
         results.put((rank, False, f"{type(err).__name__} at {where}: {text}"))
     finally:

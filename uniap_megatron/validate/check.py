@@ -29,7 +29,12 @@ from uniap_megatron.validate.build import (
     build_world,
     choose_device,
 )
-from uniap_megatron.validate.core_config import check_layout, check_transformer_config, config_differences
+from uniap_megatron.validate.core_config import (
+    check_layout,
+    check_transformer_config,
+    config_differences,
+    merge_rejections,
+)
 from uniap_megatron.validate.plan_file import PlanDocument
 
 DEFAULT_MAX_RANKS = 64
@@ -86,12 +91,15 @@ def _config_problems(doc: PlanDocument) -> tuple[list[str], list[str], object]:
     problems = check_layout(doc.layout_text, doc.strategy, doc.model)
     ours, config_problems = check_transformer_config(doc.model, doc.strategy, doc.layout_text)
     problems += config_problems
-    problems += check_stage_predictions(doc)
+    if not problems:
+        # The cost model's predictions mean something only for a config Megatron accepts.
+        problems += check_stage_predictions(doc)
     args = check_arguments(doc)
     problems += args.problems
     if ours is not None and args.config is not None:
         problems += config_differences(ours, args.config, theirs_name="Megatron-LM from the plan's flags")
-    return problems, args.notes + [f"Megatron-LM warns: {w}" for w in args.warnings], args.args
+    notes = args.notes + [f"Megatron-LM warns: {w}" for w in args.warnings]
+    return merge_rejections(problems), notes, args.args
 
 
 def validate_plan(
@@ -153,7 +161,8 @@ def _build_note(result: BuildResult, world, doc: PlanDocument) -> str:
         dropped.append("sequence parallelism off")
     same = f" ({', '.join(dropped)}: no effect on parameters per GPU)" if dropped else ""
     return (
-        f"built GPTModel (local spec) at full dimensions on {result.world_size} gloo ranks{same}, {where}, "
+        f"built GPTModel (local spec) at full dimensions on {result.world_size} gloo "
+        f"rank{'s' if result.world_size > 1 else ''}{same}, {where}, "
         f"in {result.wall_s:.1f} s."
     )
 

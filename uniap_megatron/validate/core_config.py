@@ -7,6 +7,8 @@ flag that says something other than the plan shows up as a named difference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
@@ -103,6 +105,37 @@ def config_kwargs(
     return kwargs
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """One of Megatron's own checks refusing something, with Megatron's reason."""
+
+    by: str
+    what: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.by} rejects {self.what}: {self.reason}"
+
+
+def merge_rejections(problems: list) -> list[str]:
+    """One line per reason: the same check failing in several places names them all."""
+    out: list = []
+    for p in problems:
+        same = next((q for q in out if isinstance(p, Rejection) and isinstance(q, list) and q[0].reason == p.reason), None)
+        if same is not None:
+            same.append(p)
+        else:
+            out.append([p] if isinstance(p, Rejection) else p)
+    return [_merged(p) if isinstance(p, list) else p for p in out]
+
+
+def _merged(group: list[Rejection]) -> str:
+    if len(group) == 1:
+        return str(group[0])
+    names = [r.by for r in group]
+    return f"{', '.join(names[:-1])} and {names[-1]} reject {group[0].what}: {group[0].reason}"
+
+
 def megatron_error(err: BaseException) -> str:
     """One line for an exception raised by Megatron's own checks."""
     text = " ".join(str(err).split()) or type(err).__name__
@@ -116,14 +149,14 @@ def transformer_config(
     return TransformerConfig(**config_kwargs(model, strategy, layout_text, initialize=initialize))
 
 
-def check_layout(layout_text: str, strategy: Strategy, model: ModelSpec) -> list[str]:
+def check_layout(layout_text: str, strategy: Strategy, model: ModelSpec) -> list:
     """The layout through megatron-core's ``PipelineParallelLayerLayout`` and its
     ``validate_layer_layout`` (the same checks the config runs, named on their own)."""
     try:
         layout = PipelineParallelLayerLayout(layout_text, strategy.pp)
         layout.validate_layer_layout(num_layers=model.num_layers, mtp_num_layers=model.mtp_num_layers)
     except (AssertionError, ValueError, KeyError, IndexError) as err:
-        return [f"megatron-core PipelineParallelLayerLayout rejects layout {layout_text!r}: {megatron_error(err)}"]
+        return [Rejection("megatron-core PipelineParallelLayerLayout", f"layout {layout_text!r}", megatron_error(err))]
     if layout.virtual_pipeline_model_parallel_size != strategy.vpp:
         vpp = layout.virtual_pipeline_model_parallel_size
         return [
@@ -133,11 +166,11 @@ def check_layout(layout_text: str, strategy: Strategy, model: ModelSpec) -> list
     return []
 
 
-def check_transformer_config(model: ModelSpec, strategy: Strategy, layout_text: str) -> tuple[TransformerConfig | None, list[str]]:
+def check_transformer_config(model: ModelSpec, strategy: Strategy, layout_text: str) -> tuple[TransformerConfig | None, list]:
     try:
         return transformer_config(model, strategy, layout_text), []
     except (AssertionError, ValueError, TypeError) as err:
-        return None, [f"megatron-core TransformerConfig rejects the plan: {megatron_error(err)}"]
+        return None, [Rejection("megatron-core TransformerConfig", "the plan", megatron_error(err))]
 
 
 def comparable(value):
