@@ -2,14 +2,16 @@
 
 megatron-core 0.19 assumes a CUDA device in a few places that have nothing to do with what
 the tests check (parameter counts, saved activations, the pipeline schedules' order and
-arithmetic). Each shim below replaces one such place, only inside :func:`cpu_shims`:
+arithmetic). :func:`cpu_shims` replaces each such place, only while it is active:
 
-- ``torch.cuda.current_device()`` answers ``"cpu"``: the global memory buffer of the
-  unfused attention, the schedules and the p2p buffers allocate on that device;
-- ``torch.cuda.synchronize()`` does nothing (the schedules call it around p2p);
-- ``torch.zeros(..., device="cuda")`` allocates on the CPU (the schedules' loss totals);
-- the CUDA RNG tracker's ``fork()`` is a null context, and the RNG state that full
-  recomputation saves and restores is the CPU generator's (dropout draws from it);
+- what the profiler's :func:`~uniap_megatron.profile.megatron_layers.cpu_runtime` already
+  replaces for running layers: ``torch.cuda.current_device()`` answers ``"cpu"`` (the
+  unfused attention's global buffer, the schedules' and p2p buffers allocate there), the
+  CUDA RNG tracker's ``fork()`` is a null context and the CUDA RNG state that
+  recomputation saves is the CPU generator's;
+- for the schedules: ``torch.cuda.synchronize()`` does nothing, and
+  ``torch.zeros(..., device="cuda")`` (the schedules' token and loss totals) allocates on
+  the CPU.
 
 Everything else (modules, autograd, checkpointing, schedules, gloo collectives) is the real
 megatron-core and torch.
@@ -22,11 +24,12 @@ from unittest import mock
 
 import torch
 
+from uniap_megatron.profile.megatron_layers import cpu_runtime
+
 
 def _zeros_on_cpu(real_zeros):
     def zeros(*args, **kwargs):
-        device = kwargs.get("device")
-        if device is not None and "cuda" in str(device):
+        if "cuda" in str(kwargs.get("device", "")):
             kwargs["device"] = "cpu"
         return real_zeros(*args, **kwargs)
 
@@ -35,16 +38,11 @@ def _zeros_on_cpu(real_zeros):
 
 @contextlib.contextmanager
 def cpu_shims():
-    from megatron.core.tensor_parallel import random as mp_random
-
-    with contextlib.ExitStack() as stack:
-        patch = stack.enter_context
-        patch(mock.patch.object(torch.cuda, "current_device", lambda: "cpu"))
-        patch(mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None))
-        patch(mock.patch.object(torch, "zeros", _zeros_on_cpu(torch.zeros)))
-        patch(mock.patch.object(mp_random.CudaRNGStatesTracker, "fork", lambda self, *a, **k: contextlib.nullcontext()))
-        patch(mock.patch.object(mp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()))
-        patch(mock.patch.object(mp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)))
+    with (
+        cpu_runtime(),
+        mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None),
+        mock.patch.object(torch, "zeros", _zeros_on_cpu(torch.zeros)),
+    ):
         yield
 
 
