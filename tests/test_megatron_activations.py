@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import pytest
-
 from megatron_cpu import measure_layer_rank
-from uniap_megatron.cost.activations import ActShape, Implementation, checkpoint_bytes, decoder_layer_bytes
+
+from uniap_megatron.cost.activations import (
+    ActShape,
+    Implementation,
+    checkpoint_bytes,
+    decoder_layer_bytes,
+)
 from uniap_megatron.space.strategy import Strategy
 from uniap_megatron.spec.model import LayerKind, ModelSpec
 from uniap_megatron.validate.build import run_ranks

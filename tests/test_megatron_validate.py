@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from megatron_cpu import train_rank
+
 from uniap_megatron.cli import compose, make_plan
 from uniap_megatron.validate import load_plan, validate_plan
 from uniap_megatron.validate.build import RankJob, build_world, run_ranks

@@ -12,11 +12,11 @@ import yaml
 
 from uniap_megatron.cli import main
 from uniap_megatron.errors import InputError, ValidationError
+from uniap_megatron.spec.cluster import ClusterSpec
 from uniap_megatron.validate import load_plan
 from uniap_megatron.validate.arguments import device_arch
 from uniap_megatron.validate.build import BuildResult, BuiltRank
 from uniap_megatron.validate.check import _count_problems
-from uniap_megatron.spec.cluster import ClusterSpec
 
 pytestmark = pytest.mark.megatron
 
@@ -159,3 +159,11 @@ def test_device_arch_of_the_plan_cluster(gpu, arch):
     cluster = ClusterSpec(gpu=gpu, peak_tflops_bf16=1, memory_gib=80, hbm_bandwidth_gbps=1,
                           intra_node_bandwidth_gbps=1, inter_node_bandwidth_gbps=1)
     assert device_arch(cluster) == arch
+
+
+def test_worlds_above_max_ranks_are_checked_but_not_built(plan_json):
+    from uniap_megatron.validate import validate_plan
+
+    report = validate_plan(load_plan(plan_json), max_ranks=1)
+    assert report.build is None and all(row.built == () for row in report.rows)
+    assert any("tp x pp x ep = 2 processes exceeds --max-ranks 1" in note for note in report.notes)

@@ -16,6 +16,7 @@ from uniap_megatron import __version__
 from uniap_megatron.errors import InputError, UniapError
 
 CONFIG_MODULE = "uniap_megatron.hydra_configs"
+DEFAULT_MAX_RANKS = 32  # validate: one process per rank (uniap_megatron.validate.check)
 
 
 def compose(overrides: list[str], config_name: str = "config"):
@@ -321,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("plan", help="plan.json (or .yaml) written by `uniap-megatron plan output_dir=DIR`")
     validate.add_argument("--no-build", action="store_true", help="check configs and flags only; build no model")
     validate.add_argument(
-        "--max-ranks", type=int, default=64, metavar="N",
-        help="build the model only when tp x pp x ep <= N processes (default 64)",
+        "--max-ranks", type=int, default=DEFAULT_MAX_RANKS, metavar="N",
+        help=f"build the model only when tp x pp x ep <= N processes (default {DEFAULT_MAX_RANKS})",
     )
     validate.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     validate.add_argument("--quiet", action="store_true", help="no progress display")

@@ -128,7 +128,7 @@ def _collect(procs, results, world_size: int, timeout_s: float) -> list:
         except queue.Empty:
             dead = [p for p in procs if p.exitcode not in (None, 0)]
             if dead and not errors:
-                raise BuildFailure(f"rank {procs.index(dead[0])} died (exit code {dead[0].exitcode})")
+                raise BuildFailure(f"rank {procs.index(dead[0])} died (exit code {dead[0].exitcode})") from None
             if time.monotonic() > deadline:
                 raise BuildFailure(f"ranks did not finish within {timeout_s:.0f} s") from None
             continue
@@ -181,7 +181,11 @@ def build_chunks(job: RankJob) -> list:
     them (``pre_process`` on the first stage, ``post_process`` on the last)."""
     import torch
     from megatron.core import parallel_state
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_decoder_layer_specs,
+        get_gpt_mtp_block_spec,
+    )
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     from uniap_megatron.validate.core_config import transformer_config
@@ -203,8 +207,11 @@ def build_chunks(job: RankJob) -> list:
         )
         mtp = None
         if model.mtp_layers:
-            mtp = get_gpt_mtp_block_spec(config, block.layer_specs[-1] if block.layer_specs else _dense_spec(config),
-                                         use_transformer_engine=False, vp_stage=vp)
+            # As Megatron-LM: the MTP layer uses the spec of the model's last decoder layer.
+            last_layer = get_gpt_decoder_layer_specs(
+                config, use_transformer_engine=False, normalization=model.normalization.value
+            )[-1]
+            mtp = get_gpt_mtp_block_spec(config, last_layer, use_transformer_engine=False, vp_stage=vp)
         with torch.device(job.device):
             chunks.append(
                 GPTModel(
@@ -221,14 +228,6 @@ def build_chunks(job: RankJob) -> list:
                 )
             )
     return chunks
-
-
-def _dense_spec(config):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    return get_gpt_layer_local_spec(
-        config.num_moe_experts, False, config.qk_layernorm, normalization=config.normalization
-    )
 
 
 def count_params(module) -> int:

@@ -37,7 +37,9 @@ from uniap_megatron.validate.core_config import (
 )
 from uniap_megatron.validate.plan_file import PlanDocument
 
-DEFAULT_MAX_RANKS = 64
+# One process per rank: creating Megatron's process groups over gloo grows fast with the
+# world (16 ranks take about a second on two cores, 128 ranks ten minutes).
+DEFAULT_MAX_RANKS = 32
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,8 @@ def validate_plan(
         notes.append("model not built (--no-build): parameters are the plan's predictions only.")
     elif world.world_size > max_ranks:
         notes.append(
-            f"model not built: tp x pp x ep = {world.world_size} processes exceeds --max-ranks {max_ranks}."
+            f"model not built: tp x pp x ep = {world.world_size} processes exceeds --max-ranks {max_ranks} "
+            "(raise it to build; each rank is one process)."
         )
     else:
         result = _build(doc, args, world, predicted, timeout_s)
