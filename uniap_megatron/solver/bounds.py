@@ -1,104 +1,360 @@
-"""Combinatorial lower bounds, valid for every layout of a strategy.
+"""Lower bounds on the step time, valid for every layout of a set of strategies.
 
-They prune the outer search before any program is built, and one of them is added to the
-program as a cut: the LP relaxation balances fractional layers over ranks perfectly, while
-layers are whole, and closing that gap by branching is what makes the plain program slow.
+The step time is ``A * Z + sum_r C_r + W + const`` (``A = M - 1/v``, ``Z`` the slowest rank
+per micro-batch, ``C_r`` rank r's largest chunk, ``W`` the slowest tail). ``A`` is large, so
+the bound that matters is a floor on ``Z``, and what raises ``Z`` above the average is
+that layers are whole and that memory caps how many layers a rank can hold (or forces it
+to recompute them). :func:`slowest_rank_floor` computes that floor for one rank profile:
+
+- rank r holding T layers spends at least ``fixed_r + (T cheapest layer times) + rho R``
+  where R is the fewest recomputed layers that let it fit;
+- its memory is at least ``static_r + (T cheapest statics) + kappa_r * (fixed_act_r +
+  kept(T, R))``: Megatron's in-flight counts never increase with the chunk index, so at
+  the point where the last chunk holds ``kappa_r`` micro-batches every chunk holds at
+  least that many;
+- ``Z`` is the least value at which the ranks can hold all L layers.
+
+The same floor serves a key (items known, vpp and recompute variant free), a key and vpp
+(variant free) and a single strategy, each time with the most favourable values of what
+is still free.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import math
+from dataclasses import dataclass
+from functools import lru_cache
 
-from uniap_megatron.cost.items import StepCosts
+import numpy as np
+
+from uniap_megatron.cost.items import StepCosts, static_bytes
+from uniap_megatron.cost.params import item_params
+from uniap_megatron.cost.schedule import inflight_points
 from uniap_megatron.cost.step import p2p_transfers
+from uniap_megatron.space.strategy import Recompute, RecomputeMethod, Strategy
 from uniap_megatron.spec.model import LayerKind, ModelSpec
 
-
-def _mtp(costs: StepCosts, model: ModelSpec) -> list:
-    return [costs.items[LayerKind.MTP]] * model.mtp_layers if model.mtp_layers else []
+FIT = 1 + 1e-9
 
 
-def rank_fixed_times(costs: StepCosts, num_stages: int, pp: int) -> list[float]:
-    """Time per micro-batch every rank spends whatever the layout: the embedding on rank 0,
-    the loss on the last rank, and the p2p transfers of its stages."""
-    fixed = [0.0] * pp
-    for i in range(num_stages):
-        r = i % pp
-        fixed[r] += costs.p2p_s * p2p_transfers(num_stages, i)
-        if i == 0:
-            fixed[r] += costs.items[LayerKind.EMBEDDING].time_s
-        if i == num_stages - 1:
-            fixed[r] += costs.items[LayerKind.LOSS].time_s
-    return fixed
+@dataclass(frozen=True)
+class Recomputation:
+    """How recomputation may trade time for memory on a rank of T layers: R recomputed
+    layers with ``r_low(T) <= R <= r_high(T)``, each keeping ``ckpt`` instead of its
+    activations and costing ``rho`` more time."""
+
+    kind: str  # "keep" | "all" | "range"
+    lo: int = 0
+    """range: R >= min(lo, T)."""
+    hi_per_rank: float = math.inf
+    """range: R <= min(T, hi_per_rank)."""
+    ckpt_divisor: float = 1.0
+    """Checkpoints kept per recomputed layer are at least ckpt / divisor (uniform groups)."""
 
 
-def rank_time_for(costs: StepCosts, model: ModelSpec):
-    """The least time a rank spends on ``T`` decoder layers, whatever their chunks: every
-    layer at the cheapest kind's time, plus the recomputation Megatron cannot avoid (all
-    layers with ``uniform``; at least ``min(n, T)`` with ``block``, since some chunk holds
-    ``min(n, T)`` or more of them... or each chunk recomputes its first ``n``)."""
-    s = costs.strategy
-    kinds = [costs.items[k] for k in set(model.decoder_kinds)]
-    tau = min(c.time_s for c in kinds)
-    rec = min(c.recompute_s for c in kinds)
-    if s.full_uniform:
-        return lambda T: (tau + rec) * T
-    if s.full_block:
-        n = s.recompute_num_layers or 1
-        return lambda T: tau * T + rec * min(n, T)
-    return lambda T: tau * T
+KEEP = Recomputation("keep")
 
 
-def slowest_rank_floor(costs: StepCosts, model: ModelSpec) -> float:
-    """The least possible time of the slowest rank, with whole layers.
+@dataclass(frozen=True)
+class Layers:
+    """The decoder layers of a strategy for the floor: sums of the T cheapest values of
+    each figure (any T layers cost at least that), and the smallest single values."""
 
-    A rank with fixed time f can take its n-th layer once Z >= f + time(n); the ranks host
-    all L layers as soon as Z reaches the L-th smallest of these thresholds.
-    """
-    s = costs.strategy
-    fixed = rank_fixed_times(costs, s.num_stages, s.pp)
-    time_of = rank_time_for(costs, model)
-    layers = model.num_layers
-    thresholds = heapq.merge(*[(f + time_of(n) for n in range(1, layers + 1)) for f in fixed])
-    lth = next(itertools.islice(thresholds, layers - 1, None))
-    return max(max(fixed), lth)
+    time: np.ndarray
+    recompute: np.ndarray
+    static: np.ndarray
+    act: np.ndarray
+    act_min: float
+    ckpt_min: float
+    recompute_min: float
+
+    @classmethod
+    def of(cls, costs: StepCosts, model: ModelSpec, static: dict[LayerKind, float] | None = None) -> Layers:
+        items = [costs.items[k] for k in model.decoder_kinds]
+        statics = [c.static_bytes for c in items] if static is None else [static[k] for k in model.decoder_kinds]
+        return cls(
+            time=_cheapest([c.time_s for c in items]),
+            recompute=_cheapest([c.recompute_s for c in items]),
+            static=_cheapest(statics),
+            act=_cheapest([c.act_bytes for c in items]),
+            act_min=min(c.act_bytes for c in items),
+            ckpt_min=min(c.ckpt_bytes for c in items),
+            recompute_min=min(c.recompute_s for c in items),
+        )
 
 
-def step_time_floor(costs: StepCosts, model: ModelSpec) -> float:
-    """Lower bound of the step time over every layout."""
-    s, items = costs.strategy, costs.items
-    decoder = [items[k] for k in model.decoder_kinds]
-    edge = [items[LayerKind.EMBEDDING], items[LayerKind.LOSS]]
-    every = decoder + edge + _mtp(costs, model)
-    work = sum(c.time_s for c in every) + costs.p2p_s * 2 * (s.num_stages - 1)
-    if s.full_uniform:
-        work += sum(c.recompute_s for c in decoder)
-    elif s.full_block:
-        # sum_r min(n, T_r) >= min(n, sum_r T_r): at least n layers are recomputed.
-        n = s.recompute_num_layers or 1
-        work += min(c.recompute_s for c in decoder) * min(n, len(decoder))
-    m, v = costs.num_microbatches, s.vpp
-    slowest = max(work / s.pp, slowest_rank_floor(costs, model))
-    optimizer = sum(
-        c.params.dense * costs.optimizer_s_per_param + c.params.expert * costs.optimizer_s_per_expert_param
-        for c in every
+@dataclass(frozen=True)
+class Profile:
+    """Per-rank figures that the floor needs, besides the layers."""
+
+    layers: Layers
+    fixed_time: np.ndarray
+    """Per rank: embedding / loss forward-backward and p2p transfers."""
+    fixed_static: np.ndarray
+    fixed_act: np.ndarray
+    kappa: np.ndarray
+    """Per rank: in-flight micro-batches that every chunk holds at some peak."""
+    transient: float
+    capacity: float
+
+
+def _cheapest(values) -> np.ndarray:
+    """Sum of the T smallest values, for T = 0..len."""
+    return np.concatenate([[0.0], np.cumsum(np.sort(np.asarray(values, dtype=float)))])
+
+
+def rank_time_rows(p: Profile, rec: Recomputation) -> np.ndarray:
+    """Least time of rank r holding T layers, [r, T]; inf where nothing fits."""
+    lay = p.layers
+    L = len(lay.time) - 1
+    T = np.arange(L + 1)
+    time = lay.time[None, :] + p.fixed_time[:, None]
+    static = lay.static[None, :] + p.fixed_static[:, None] + p.transient
+    kappa = p.kappa[:, None]
+    limit = p.capacity * FIT
+    if rec.kind == "keep":
+        memory = static + kappa * (p.fixed_act[:, None] + lay.act[None, :])
+        return np.where(memory <= limit, time, math.inf)
+    ckpt = lay.ckpt_min / rec.ckpt_divisor
+    if rec.kind == "all":
+        memory = static + kappa * (p.fixed_act[:, None] + ckpt * T[None, :])
+        return np.where(memory <= limit, time + lay.recompute[None, :], math.inf)
+    # R recomputed layers among T: the others keep at least the smallest activation each.
+    act = lay.act_min
+    lo = np.minimum(rec.lo, T)[None, :]
+    hi = np.minimum(T, rec.hi_per_rank)[None, :]
+    room = limit - static - kappa * (p.fixed_act[:, None] + act * T[None, :])
+    saving = kappa * (act - ckpt)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        need = np.where(room >= 0, 0, np.where(saving > 0, np.ceil(-room / saving - 1e-9), math.inf))
+    r = np.maximum(lo, need)
+    return np.where(r <= hi, time + lay.recompute_min * r, math.inf)
+
+
+def slowest_rank_floor(rows: np.ndarray, layers: int) -> float:
+    """Least Z at which ranks with least times ``rows[r, T]`` can hold ``layers`` layers
+    between them; inf when they cannot.
+
+    With ``s[r, T] = min_{T' >= T} rows[r, T']`` (non-decreasing), rank r holds T layers
+    once Z >= s[r, T]; so Z must reach every s[r, 0] and the L-th smallest s[r, T >= 1]."""
+    lowest_after = np.minimum.accumulate(rows[:, ::-1], axis=1)[:, ::-1]
+    empty = float(lowest_after[:, 0].max())
+    if layers == 0:
+        return empty
+    steps = lowest_after[:, 1:].ravel()
+    if len(steps) < layers:
+        return math.inf
+    lth = float(np.partition(steps, layers - 1)[layers - 1])
+    return max(empty, lth)
+
+
+# ----------------------------------------------------------------- profiles
+@lru_cache(maxsize=4096)
+def _kappa(pp: int, vpp: int, microbatches: int) -> tuple[float, ...]:
+    ranks = range(pp)
+    if vpp == 1:
+        return tuple(float(min(pp - r, microbatches)) for r in ranks)
+    if microbatches >= pp and microbatches % pp == 0:
+        # Interleaved 1F1B: rank r's last chunk holds up to 2 (pp - r) - 1 micro-batches,
+        # never more than pp (tests check this against the schedule).
+        return tuple(float(min(pp, 2 * (pp - r) - 1)) for r in ranks)
+    return tuple(float(max(q[-1] for q in inflight_points(pp, vpp, r, microbatches))) for r in ranks)
+
+
+def kappa(pp: int, vpp: int, microbatches: int) -> np.ndarray:
+    """Per rank, the most micro-batches its last chunk holds at any peak of the schedule."""
+    return np.array(_kappa(pp, vpp, microbatches))
+
+
+def p2p_per_rank(costs: StepCosts, pp: int, vpp: int) -> np.ndarray:
+    stages = pp * vpp
+    out = np.zeros(pp)
+    for i in range(stages):
+        out[i % pp] += costs.p2p_s * p2p_transfers(stages, i)
+    return out
+
+
+def edges(costs: StepCosts, pp: int, static: dict[LayerKind, float] | None = None) -> dict[str, np.ndarray]:
+    """Per rank: the embedding (rank 0) and the loss (last rank); the MTP layers may go on
+    any rank, so they are left out."""
+    out = {attr: np.zeros(pp) for attr in ("time", "static", "act")}
+    for rank, kind in ((0, LayerKind.EMBEDDING), (pp - 1, LayerKind.LOSS)):
+        item = costs.items[kind]
+        out["time"][rank] += item.time_s
+        out["static"][rank] += item.static_bytes if static is None else static[kind]
+        out["act"][rank] += item.act_bytes
+    return out
+
+
+def profile(costs: StepCosts, model: ModelSpec, capacity: float, *, vpp: int, kappas: np.ndarray) -> Profile:
+    pp = costs.strategy.pp
+    e = edges(costs, pp)
+    return Profile(
+        layers=Layers.of(costs, model),
+        fixed_time=e["time"] + p2p_per_rank(costs, pp, vpp),
+        fixed_static=e["static"],
+        fixed_act=e["act"],
+        kappa=kappas,
+        transient=costs.transient_bytes,
+        capacity=capacity,
     )
-    tail = costs.dp_bucket_s + optimizer / s.pp
-    # sum_r C_r >= sum_r P_r / v = work / v.
-    return (m - 1 / v) * slowest + work / v + tail + costs.embedding_sync_s + costs.overhead_s
 
 
-def peak_memory_floor(costs: StepCosts, model: ModelSpec) -> float:
-    """Lower bound of the largest per-rank peak memory over every layout."""
+def recomputation(s: Strategy) -> Recomputation:
+    return recomputation_of(s.recompute, s.recompute_method, s.recompute_num_layers, s.vpp)
+
+
+def recomputation_of(rec: Recompute, method, n: int | None, vpp: int) -> Recomputation:
+    if rec is not Recompute.FULL:
+        return KEEP
+    if method is RecomputeMethod.UNIFORM:
+        return Recomputation("all", ckpt_divisor=n or 1)
+    if n is None:  # left to the program: anything from one layer per stage to all of them
+        return Recomputation("range", lo=1)
+    return Recomputation("range", lo=n, hi_per_rank=vpp * n)
+
+
+def loosest(recs: list[Recomputation]) -> Recomputation:
+    """One recomputation at least as favourable as each of ``recs``, for a bound over all."""
+    if len(set(recs)) == 1:
+        return recs[0]
+    if KEEP in recs:
+        # Keeping everything costs no time, recomputing saves memory: allow both.
+        divisor = max((r.ckpt_divisor for r in recs), default=1.0)
+        return Recomputation("range", lo=0, ckpt_divisor=divisor)
+    return Recomputation("range", lo=min((r.lo if r.kind == "range" else 1) for r in recs),
+                         ckpt_divisor=max(r.ckpt_divisor for r in recs))
+
+
+# ------------------------------------------------------------------ bounds
+def work_floor(costs: StepCosts, model: ModelSpec, rec: Recomputation, vpp: int) -> float:
+    """Sum over ranks of the time per micro-batch, at least."""
+    s, items = costs.strategy, costs.items
+    every = [items[k] for k in model.decoder_kinds] + [items[LayerKind.EMBEDDING], items[LayerKind.LOSS]]
+    every += [items[LayerKind.MTP]] * model.mtp_layers if model.mtp_layers else []
+    work = sum(c.time_s for c in every) + costs.p2p_s * 2 * (s.pp * vpp - 1)
+    rhos = sorted(items[k].recompute_s for k in model.decoder_kinds)
+    if rec.kind == "all":
+        work += sum(rhos)
+    elif rec.kind == "range":
+        work += sum(rhos[: min(rec.lo, len(rhos))])
+    return work
+
+
+def tail_floor(tails: StepCosts, model: ModelSpec, times: StepCosts | None = None, *, recompute: bool) -> float:
+    """Least possible slowest tail: rank r holding T layers waits at least
+    ``bucket + optimizer(T) + max(0, comm(T) - window(T))``, with the T cheapest layers for
+    each term and every layer's recomputation counted in its window when ``recompute``.
+    Parameters and communication rates come from ``tails``, times from ``times`` (by
+    default the same costs)."""
+    times = times or tails
+    pp = tails.strategy.pp
+    gd = tails.dp_grad_s_per_param + tails.dp_gather_s_per_param
+    ge = tails.edp_grad_s_per_param + tails.edp_gather_s_per_param
+    od, oe = tails.optimizer_s_per_param, tails.optimizer_s_per_expert_param
+
+    def terms(kind):
+        p, t = tails.items[kind].params, times.items[kind]
+        window = t.time_s + (t.recompute_s if recompute else 0.0)
+        return gd * p.dense + ge * p.expert - window, od * p.dense + oe * p.expert
+
+    net, opt = zip(*(terms(k) for k in model.decoder_kinds))
+    fixed_net, fixed_opt = np.zeros(pp), np.zeros(pp)
+    for rank, kind in ((0, LayerKind.EMBEDDING), (pp - 1, LayerKind.LOSS)):
+        n, o = terms(kind)
+        fixed_net[rank] += n
+        fixed_opt[rank] += o
+    if model.mtp_layers:
+        # Whichever rank holds the MTP layers gains their window; the others do not.
+        fixed_net += min(0.0, model.mtp_layers * terms(LayerKind.MTP)[0])
+    rows = (
+        tails.dp_bucket_s
+        + fixed_opt[:, None] + _cheapest(opt)[None, :]
+        + np.maximum(0.0, fixed_net[:, None] + _cheapest(net)[None, :])
+    )
+    return slowest_rank_floor(rows, model.num_layers)
+
+
+def strategy_bound(costs: StepCosts, model: ModelSpec, capacity: float) -> float:
+    """Lower bound of the step time of one strategy over every layout; inf when no layout
+    can fit in memory."""
+    s = costs.strategy
+    rec = recomputation(costs.strategy)
+    return _bound(costs, model, capacity, s.vpp, rec, kappa(s.pp, s.vpp, costs.num_microbatches))
+
+
+def strategy_z_floor(costs: StepCosts, model: ModelSpec, capacity: float) -> float:
+    """Least possible time of the slowest rank per micro-batch (0 when nothing fits, so
+    that a cut built on it stays harmless)."""
+    s = costs.strategy
+    p = profile(costs, model, capacity, vpp=s.vpp, kappas=kappa(s.pp, s.vpp, costs.num_microbatches))
+    z = slowest_rank_floor(rank_time_rows(p, recomputation(costs.strategy)), model.num_layers)
+    return z if math.isfinite(z) else 0.0
+
+
+def variants_bound(costs: StepCosts, model: ModelSpec, capacity: float, vpp: int, recs: list[Recomputation]) -> float:
+    """Lower bound over the recomputation variants ``recs`` of one key and vpp."""
+    k = kappa(costs.strategy.pp, vpp, costs.num_microbatches)
+    return _bound(costs, model, capacity, vpp, loosest(recs), k)
+
+
+def _bound(costs: StepCosts, model: ModelSpec, capacity: float, vpp: int, rec: Recomputation, kappas) -> float:
+    p = profile(costs, model, capacity, vpp=vpp, kappas=kappas)
+    z = slowest_rank_floor(rank_time_rows(p, rec), model.num_layers)
+    if not math.isfinite(z):
+        return math.inf
+    a = costs.num_microbatches - 1 / vpp
+    # sum_r C_r >= sum_r P_r / v.
+    rest = work_floor(costs, model, rec, vpp) / vpp + tail_floor(costs, model, recompute=rec is not KEEP)
+    return a * z + rest + costs.embedding_sync_s + costs.overhead_s
+
+
+def peak_floor(costs: StepCosts, model: ModelSpec) -> float:
+    """Lower bound of the largest per-rank peak memory over every layout of a strategy:
+    the average static memory, or the heavier edge item."""
     s, items = costs.strategy, costs.items
     decoder = [items[k] for k in model.decoder_kinds]
     edge = [items[LayerKind.EMBEDDING], items[LayerKind.LOSS]]
-    every = decoder + edge + _mtp(costs, model)
+    every = decoder + edge + ([items[LayerKind.MTP]] * model.mtp_layers if model.mtp_layers else [])
     static = sum(c.static_bytes for c in every)
-    # Every rank keeps at least one micro-batch of each item it holds.
-    recomputed = s.recompute == "full"
+    recomputed = s.recompute is Recompute.FULL
     kept = sum(c.ckpt_bytes if recomputed else c.act_bytes for c in decoder)
     kept += sum(c.act_bytes for c in every[len(decoder):])
     edge_floor = max(c.static_bytes + c.act_bytes for c in edge)
     return max((static + kept) / s.pp, edge_floor) + costs.transient_bytes
+
+
+def item_statics(model: ModelSpec, s: Strategy, precision) -> dict[LayerKind, float]:
+    """Static bytes per GPU of each item kind under ``s``, from the cost model's parameter
+    counts (no communication model needed)."""
+    kinds = {LayerKind.EMBEDDING, LayerKind.LOSS, *model.decoder_kinds}
+    if model.mtp_layers:
+        kinds.add(LayerKind.MTP)
+    return {k: static_bytes(item_params(model, k, tp=s.tp, ep=s.ep, pp=s.pp), s, precision) for k in kinds}
+
+
+def key_bound(
+    probe: StepCosts,
+    layers: Layers,
+    model: ModelSpec,
+    capacity: float,
+    *,
+    pp: int,
+    microbatches: int,
+    vpps: tuple[int, ...],
+    statics: dict[LayerKind, float],
+    rec: Recomputation,
+    overhead_s: float,
+) -> float:
+    """Lower bound for every strategy of a key, whatever its vpp (in ``vpps``) and
+    recomputation (within ``rec``). Only the item times and activations of ``probe`` are
+    read (they do not depend on pp or dp), static bytes come from ``statics`` (and
+    ``layers`` was built with them); p2p transfers, the tail and the transient memory are
+    left out (each is at least zero).
+
+    With any vpp, ``(M - 1/v) Z + sum_r C_r >= M Z`` since ``sum_r C_r >= Z / v``."""
+    kappas = np.min([kappa(pp, v, microbatches) for v in vpps], axis=0)
+    e = edges(probe, pp, statics)
+    p = Profile(layers, e["time"], e["static"], e["act"], kappas, 0.0, capacity)
+    z = slowest_rank_floor(rank_time_rows(p, rec), model.num_layers)
+    return microbatches * z + overhead_s

@@ -15,6 +15,7 @@ Time is in milliseconds and memory in GiB to keep the coefficients well scaled.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ from uniap_megatron.cost.items import StepCosts
 from uniap_megatron.cost.schedule import inflight_points
 from uniap_megatron.cost.step import p2p_transfers
 from uniap_megatron.errors import InputError, SolverError
-from uniap_megatron.solver.bounds import slowest_rank_floor
+from uniap_megatron.solver.bounds import strategy_z_floor
 from uniap_megatron.space.layout import Layout
 from uniap_megatron.space.strategy import Recompute
 from uniap_megatron.spec.model import LayerKind, ModelSpec
@@ -61,11 +62,13 @@ class SolverOptions:
     max_nodes: int = 20000
 
 
-def make_solver(options: SolverOptions, cutoff_ms: float | None = None):
+def make_solver(options: SolverOptions, cutoff_ms: float | None = None, warm: bool = False):
     """A PuLP solver object; errors say which solvers are installed. ``cutoff_ms`` lets
     HiGHS stop as soon as it proves the program cannot beat that objective."""
     name = options.name.lower()
     common = dict(msg=False, timeLimit=options.time_limit_s, gapRel=options.gap_rel)
+    if warm and options.name.lower() in ("highs", "cbc", "gurobi"):
+        common["warmStart"] = True
     extra = {} if cutoff_ms is None else {"objective_bound": cutoff_ms}
     factories = {
         "highs": lambda: pulp.HiGHS(
@@ -135,21 +138,27 @@ def solve_layout(
     options: SolverOptions = SolverOptions(),
     minimize_memory: bool = False,
     cutoff_s: float | None = None,
+    lower_bound_s: float | None = None,
+    start: Layout | None = None,
 ) -> ProgramResult | None:
     """Optimal layout (and block-recompute count) for ``costs.strategy``; ``None`` when no
     layout fits in memory, or none beats ``cutoff_s`` when it is given. With
     ``minimize_memory`` the objective is the peak memory instead, with no capacity
     constraint (used to say how much memory would be needed)."""
     started = time.perf_counter()
-    program = _Program(costs, model, capacity_bytes, minimize_memory=minimize_memory)
+    program = _Program(costs, model, capacity_bytes, minimize_memory=minimize_memory, lower_bound_s=lower_bound_s)
+    if start is not None and not minimize_memory:
+        program.warm_start(start)
     built = time.perf_counter()
-    cutoff_ms = None if cutoff_s is None or minimize_memory else cutoff_s * MS
+    cutoff_ms = None if cutoff_s is None or minimize_memory or not math.isfinite(cutoff_s) else cutoff_s * MS
     with _quiet_stdout():
-        stats = program.prob.solve(make_solver(options, cutoff_ms))
+        stats = program.prob.solve(make_solver(options, cutoff_ms, warm=start is not None))
     solved = time.perf_counter()
     status = stats.status
     if status is pulp.LpSolveStatus.Infeasible:
         return None
+    if status is pulp.LpSolveStatus.GapLimit and not stats.has_solution:
+        return None  # the cutoff: nothing beats it
     if not stats.has_solution:
         raise SolverError(
             f"solver {options.name} ended with status {status.name} and no solution for "
@@ -178,7 +187,8 @@ class _Program:
     W >= tail_r             exposed data-parallel communication and optimizer step of rank r
     """
 
-    def __init__(self, costs: StepCosts, model: ModelSpec, capacity: float, *, minimize_memory: bool):
+    def __init__(self, costs: StepCosts, model: ModelSpec, capacity: float, *, minimize_memory: bool,
+                 lower_bound_s: float | None = None):
         s = costs.strategy
         self.costs, self.model, self.s = costs, model, s
         self.S = s.pp * s.vpp
@@ -249,10 +259,14 @@ class _Program:
         C = prob.add_variable_dict("C_ms", ranks, 0)
         W = prob.add_variable("W_ms", 0)
         m, v = costs.num_microbatches, s.vpp
-        prob += (m - 1 / v) * Z + pulp.lpSum(C.values()) + W + (costs.embedding_sync_s + costs.overhead_s) * MS
+        self.objective = (m - 1 / v) * Z + pulp.lpSum(C.values()) + W + (costs.embedding_sync_s + costs.overhead_s) * MS
+        prob += self.objective
         # [Cut] whole layers: Z is at least the best balance of whole layers over the ranks,
         # which the LP relaxation (fractional layers) does not see.
-        prob += (Z >= slowest_rank_floor(costs, model) * MS, "whole_layers_floor")
+        prob += (Z >= strategy_z_floor(costs, model, capacity) * MS, "whole_layers_floor")
+        if lower_bound_s is not None:
+            # [Cut] the relaxation's optimum bounds the step time from below.
+            prob += (self.objective >= lower_bound_s * MS * (1 - 1e-9), "relaxation_floor")
         for r in ranks:
             # [Constraint] Z is at least every rank's time per micro-batch.
             prob += (Z >= self.rank_time[r] * MS, f"slowest_rank_{r}")
@@ -388,6 +402,18 @@ class _Program:
         for p, point in enumerate(points):
             acts = pulp.lpSum(q * self.stage_act[i] for q, i in zip(point, self._stages_of(r)) if q)
             yield f"memory_{r}_{p}", static + acts + self.costs.transient_bytes
+
+    def warm_start(self, layout: Layout) -> None:
+        """Start from a known layout: its counts per stage and run, and the MTP stage."""
+        ranges = layout.decoder_ranges()
+        start = 0
+        for j, run in enumerate(self.runs):
+            span = range(start, start + run.length)
+            for i, r in enumerate(ranges):
+                self.x[i, j].setInitialValue(len(set(span) & set(r)))
+            start += run.length
+        for i, mu in self.mu.items():
+            mu.setInitialValue(1 if "m" in layout.stages[i] else 0)
 
     # ---------------------------------------------------------------- decoding
     def decode(self) -> tuple[Layout, int | None]:

@@ -1,25 +1,60 @@
-"""The outer search: enumerate Megatron's global choices, bound each, solve the UniAP
-program for the promising ones, best first, and stop when no bound can beat the top plans.
+"""The outer search: best-first branch and bound over Megatron's global choices.
+
+The space is a tree. A *family* fixes tp, cp, pp, dp, ep and mbs; a *key* adds sequence
+parallelism and the recompute granularity, which fixes what every item costs; a *shape*
+adds vpp; a *strategy* adds the full-recompute method and count. Each node has a lower
+bound on the step time of every strategy below it (:mod:`bounds`), and nodes are opened
+in increasing order of bound: a key costs a few parameter counts, a shape one
+``step_costs``, a strategy one layout problem (:mod:`layouts`). The search stops when the
+next bound cannot beat the k-th best plan, which makes the answer proven optimal; most of
+the space is never built.
+
+Everything is ordered by values and canonical keys, never by time, so the same input
+gives the same plan on every run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from uniap_megatron.cost.activations import Implementation
 from uniap_megatron.cost.items import CostSource, StepCosts, step_costs
 from uniap_megatron.cost.step import Estimate, evaluate
-from uniap_megatron.errors import InfeasibleError, SolverError
-from uniap_megatron.solver.bounds import peak_memory_floor, step_time_floor
-from uniap_megatron.solver.program import ProgramResult, SolverOptions, solve_layout
-from uniap_megatron.space.candidates import Pins, check_pins, enumerate_strategies, explain_empty
+from uniap_megatron.errors import InfeasibleError
+from uniap_megatron.solver.bounds import (
+    Layers,
+    Recomputation,
+    item_statics,
+    key_bound,
+    loosest,
+    peak_floor,
+    recomputation,
+    recomputation_of,
+    strategy_bound,
+    variants_bound,
+)
+from uniap_megatron.solver.layouts import LayoutResult, best_layout
+from uniap_megatron.solver.program import SolverOptions, solve_layout
+from uniap_megatron.space.candidates import (
+    Family,
+    Pins,
+    check_pins,
+    explain_empty,
+    family_size,
+    family_strategies,
+    recompute_options,
+    strategy_families,
+)
 from uniap_megatron.space.layout import Layout, even_layout
-from uniap_megatron.space.strategy import Strategy
+from uniap_megatron.space.strategy import Recompute, Strategy
 from uniap_megatron.spec.cluster import ClusterSpec
-from uniap_megatron.spec.model import LayerKind, ModelSpec
+from uniap_megatron.spec.model import ModelSpec
 from uniap_megatron.spec.train import TrainSpec
 
 GIB = 1024**3
@@ -31,23 +66,29 @@ class Solution:
     strategy: Strategy
     layout: Layout
     estimate: Estimate
-    program: ProgramResult | None
-    """None when the layout was pinned and simply evaluated."""
+    program: LayoutResult | None
+    """How the layout was found; None when the layout was pinned and simply evaluated."""
 
 
 @dataclass(frozen=True)
 class SearchStats:
     configs_enumerated: int = 0
+    """Strategies in the searched space (counted, most never built)."""
     configs_pruned_by_memory: int = 0
     configs_pruned_by_bound: int = 0
     programs_solved: int = 0
+    """Layout problems solved, one per strategy opened."""
     programs_infeasible: int = 0
     programs_unsolved: int = 0
-    """Programs stopped by the time limit before finding any layout."""
+    """Layout problems stopped by a solver limit before finding any layout."""
+    mixed_integer_programs: int = 0
+    """Of those, how many needed the mixed integer program."""
+    families: int = 0
+    bounds_computed: int = 0
     solver_time_s: float = 0.0
     wall_s: float = 0.0
     max_gap: float = 0.0
-    """Largest optimality gap of a program whose layout was kept."""
+    """Largest optimality gap of a layout problem whose layout was kept."""
     search_gap: float = 0.0
     """(best - lowest bound left unexplored) / best; 0 when the search proved optimality."""
     complete: bool = True
@@ -67,11 +108,9 @@ class SearchOptions:
     solver: SolverOptions = SolverOptions()
     top_k: int = 5
     max_programs: int = 400
-    """Programs solved at most; then the best plan so far is returned with the gap left.
-    A count rather than seconds, so that every run (and every rank) returns the same plan."""
-    seed_candidates: int = 2000
-    """How many of the most promising strategies get an even-layout incumbent first."""
-    """The search returns its best plan so far, with the remaining gap, after this long."""
+    """Layout problems solved at most; then the best plan so far is returned with the gap
+    left. A count rather than seconds, so that every run (and every rank) returns the same
+    plan."""
     implementation: Implementation = Implementation.TE
     cost_source: CostSource | None = None
     """Measured figures (a profile) that replace the analytical ones where present."""
@@ -88,6 +127,192 @@ def strategy_key(s: Strategy) -> tuple:
             s.recompute_num_layers or 0, not s.sp, not s.distributed_optimizer)
 
 
+@dataclass(order=True)
+class _Node:
+    bound: float
+    order: tuple
+    kind: str = field(compare=False)  # "key" | "shape" | "strategy"
+    family: Family = field(compare=False)
+    sp: bool = field(compare=False)
+    recompute: Recompute = field(compare=False)
+    vpp: int | None = field(compare=False, default=None)
+    members: tuple[Strategy, ...] = field(compare=False, default=())
+    costs: StepCosts | None = field(compare=False, default=None)
+    size: int = field(compare=False, default=0)
+
+
+class _Search:
+    def __init__(self, model, cluster, train, pins, options):
+        self.model, self.cluster, self.train, self.pins, self.options = model, cluster, train, pins, options
+        self.capacity = cluster.usable_memory_bytes
+        self.item_cache: dict = {}
+        self.probes: dict = {}
+        self.statics: dict = {}
+        self.layers: dict = {}
+        self.loose: dict = {}
+        self.members: dict[Family, list[Strategy]] = {}
+        self.heap: list[_Node] = []
+        self.found: list[Solution] = []
+        self.counter = itertools.count()
+        self.stats = dict(memory=0, bound=0, solved=0, infeasible=0, unsolved=0, mips=0, bounds=0)
+        self.solver_time, self.max_gap, self.statuses = 0.0, 0.0, set()
+        self.memory_pruned: list[tuple[float, tuple, Strategy]] = []
+
+    # ---------------------------------------------------------------- helpers
+    def costs(self, s: Strategy) -> StepCosts:
+        return step_costs(self.model, self.cluster, self.train, s, impl=self.options.implementation,
+                          item_cache=self.item_cache, source=self.options.cost_source)
+
+    def family_members(self, f: Family) -> list[Strategy]:
+        members = self.members.get(f)
+        if members is None:
+            members = self.members[f] = list(family_strategies(self.model, self.train, self.pins, f))
+        return members
+
+    def push(self, node: _Node) -> None:
+        self.stats["bounds"] += 1
+        if not math.isfinite(node.bound):
+            self.stats["memory"] += node.size
+            return
+        heapq.heappush(self.heap, node)
+
+    def cutoff(self) -> float:
+        distinct = _distinct(self.found)
+        if len(distinct) < self.options.top_k:
+            return math.inf
+        return distinct[self.options.top_k - 1].estimate.step_time_s
+
+    # --------------------------------------------------------------- opening
+    def open_family(self, f: Family) -> None:
+        """Push the keys of a family with their bounds (no item costs built yet)."""
+        for sp in f.sps:
+            for rec in f.recomputes:
+                size = family_size(self.model, self.train, self.pins, f, sp=sp, recompute=rec)
+                if not size:
+                    continue
+                bound = self.key_bound(f, sp, rec)
+                order = (0, f.tp * f.pp * f.cp, f.tp, f.pp, f.cp, f.ep, f.mbs, rec.value, not sp)
+                self.push(_Node(bound, order, "key", f, sp, rec, size=size))
+
+    def key_bound(self, f: Family, sp: bool, rec: Recompute) -> float:
+        selective = rec is Recompute.SELECTIVE
+        pkey = (f.tp, f.cp, f.ep, f.mbs, sp, selective)
+        probe = self.probes.get(pkey)
+        if probe is None:
+            probe = self.probes[pkey] = self.costs(Strategy(
+                tp=f.tp, pp=f.pp, cp=f.cp, ep=f.ep, dp=f.dp, sp=sp, mbs=f.mbs,
+                recompute=Recompute.SELECTIVE if selective else Recompute.NONE))
+        skey = (f.tp, f.cp, f.pp, f.dp, f.ep)
+        statics = self.statics.get(skey)
+        if statics is None:
+            shape = Strategy(tp=f.tp, pp=f.pp, cp=f.cp, ep=f.ep, dp=f.dp)
+            statics = self.statics[skey] = item_statics(self.model, shape, self.train.precision)
+        lkey = (pkey, skey)
+        layers = self.layers.get(lkey)
+        if layers is None:
+            layers = self.layers[lkey] = Layers.of(probe, self.model, statics)
+        microbatches = self.train.global_batch_size // (f.mbs * f.dp)
+        return key_bound(probe, layers, self.model, self.capacity, pp=f.pp, microbatches=microbatches,
+                         vpps=f.vpps, statics=statics, rec=self._variants(f, rec),
+                         overhead_s=self.cluster.step_overhead_s)
+
+    def _variants(self, f: Family, rec: Recompute) -> Recomputation:
+        """One recomputation as favourable as every variant of a key, over its vpps."""
+        key = (f.pp, f.vpps, rec)
+        loose = self.loose.get(key)
+        if loose is None:
+            recs = set()
+            for vpp in f.vpps:
+                most = -(-self.model.num_layers // (f.pp * vpp))
+                recs.update(recomputation_of(r, m, n, vpp) for r, m, n in recompute_options(self.pins, most) if r is rec)
+            loose = self.loose[key] = loosest(sorted(recs, key=lambda x: (x.kind, x.lo, x.hi_per_rank, x.ckpt_divisor)))
+        return loose
+
+    def open_key(self, node: _Node) -> None:
+        f = node.family
+        members = [s for s in self.family_members(f) if s.sp == node.sp and s.recompute is node.recompute]
+        for vpp, group in itertools.groupby(members, key=lambda s: s.vpp):
+            group = tuple(group)
+            costs = self.costs(group[0])
+            if len(group) == 1:
+                self.push_strategy(group[0], costs)
+                continue
+            # The variants differ in their transient memory too: bound it by none.
+            bound = variants_bound(dataclasses.replace(costs, transient_bytes=0.0), self.model,
+                                   self.capacity, vpp, [recomputation(s) for s in group])
+            order = (1, *node.order[1:], vpp)
+            self.push(_Node(bound, order, "shape", f, node.sp, node.recompute, vpp, group, size=len(group)))
+
+    def open_shape(self, node: _Node) -> None:
+        for s in node.members:
+            self.push_strategy(s, self.costs(s))
+
+    def push_strategy(self, s: Strategy, costs: StepCosts) -> None:
+        bound = strategy_bound(costs, self.model, self.capacity)
+        if not math.isfinite(bound):
+            self.memory_pruned.append((peak_floor(costs, self.model), strategy_key(s), s))
+        order = (2, *strategy_key(s))
+        self.push(_Node(bound, order, "strategy", None, s.sp, s.recompute, s.vpp, (s,), costs, size=1))
+
+    # ---------------------------------------------------------------- solving
+    def solve(self, node: _Node) -> None:
+        (s,) = node.members
+        costs = node.costs
+        if self.pins.layout is not None:
+            solution = _evaluate_pinned(costs, self.model, self.capacity, self.pins.layout)
+            self.stats["solved"] += 1
+            if solution is None:
+                self.stats["infeasible"] += 1
+            else:
+                self.found.append(solution)
+            return
+        cutoff = self.cutoff()
+        local = cutoff
+        if not math.isfinite(local):
+            # No k-th plan yet: Megatron's even split, when it fits, still bounds this one.
+            even = even_layout(num_layers=self.model.num_layers, pp=s.pp, vpp=s.vpp,
+                               mtp_num_layers=self.model.mtp_layers)
+            est = evaluate(costs, even, self.model, self.capacity)
+            if est.fits:
+                local = est.step_time_s
+        result = best_layout(costs, self.model, self.capacity, cutoff_s=local * (1 + REL_TOL),
+                             options=self.options.solver)
+        self.stats["solved"] += 1
+        self.stats["mips"] += result.programs
+        self.solver_time += result.solve_time_s
+        if result.layout is None:
+            if not result.fits:
+                self.stats["infeasible"] += 1
+            return
+        self.max_gap = max(self.max_gap, result.gap)
+        self.statuses.add("optimal" if result.proven else "feasible")
+        self.found.append(Solution(s, result.layout, result.estimate, result))
+
+    # ------------------------------------------------------------------- run
+    def run(self, progress: ProgressFn | None) -> tuple[float | None, bool]:
+        """Best-first until the bounds close; returns the lowest open bound left by the
+        program budget (None when the search completed) and whether it completed."""
+        opened = 0
+        while self.heap:
+            node = self.heap[0]
+            if node.bound > self.cutoff() * (1 + REL_TOL):
+                break
+            if node.kind == "strategy" and self.found and self.stats["solved"] >= self.options.max_programs:
+                return node.bound, False
+            heapq.heappop(self.heap)
+            if node.kind == "key":
+                self.open_key(node)
+            elif node.kind == "shape":
+                self.open_shape(node)
+            else:
+                self.solve(node)
+                opened += 1
+                if progress:
+                    best = min(self.found, key=_rank) if self.found else None
+                    progress(opened, opened + len(self.heap), best)
+        return None, True
+
+
 def search(
     model: ModelSpec,
     cluster: ClusterSpec,
@@ -98,98 +323,48 @@ def search(
 ) -> SearchResult:
     started = time.perf_counter()
     check_pins(model, cluster, train, pins)
-    strategies = list(enumerate_strategies(model, cluster, train, pins))
-    if not strategies:
+    state = _Search(model, cluster, train, pins, options)
+    families = list(strategy_families(model, cluster, train, pins))
+    enumerated = 0
+    for f in families:
+        size = family_size(model, train, pins, f)
+        if size:
+            enumerated += size
+            state.open_family(f)
+    if not enumerated:
         raise explain_empty(model, cluster, train, pins)
-    capacity = cluster.usable_memory_bytes
-
-    scored, memory_pruned, cache = [], [], {}
-    for s in strategies:
-        costs = step_costs(
-            model, cluster, train, s, impl=options.implementation, item_cache=cache, source=options.cost_source
-        )
-        time_lb, memory_lb = step_time_floor(costs, model), peak_memory_floor(costs, model)
-        if memory_lb > capacity:
-            memory_pruned.append((memory_lb, strategy_key(s), costs))
-        else:
-            scored.append((time_lb, strategy_key(s), costs))
-    scored.sort(key=lambda t: (t[0], t[1]))
-
-    found: list[Solution] = _seed(scored, model, capacity, pins, options)
-    solved = infeasible = bound_pruned = unsolved = 0
-    solver_time, max_gap, statuses = 0.0, 0.0, set()
-    open_bound, complete = None, True
-    for index, (time_lb, _, costs) in enumerate(scored):
-        cutoff = None
-        distinct = _distinct(found) if len(found) >= options.top_k else found
-        if len(distinct) >= options.top_k:
-            cutoff = distinct[options.top_k - 1].estimate.step_time_s
-            if time_lb >= cutoff * (1 - REL_TOL):
-                bound_pruned = len(scored) - index
-                break
-        if found and solved + unsolved >= options.max_programs:
-            open_bound, complete = time_lb, False
-            bound_pruned = len(scored) - index
-            break
-        try:
-            solutions = _solve(costs, model, capacity, pins, options, cutoff)
-        except SolverError:
-            unsolved += 1
-            open_bound = time_lb if open_bound is None else min(open_bound, time_lb)
-            continue
-        solved += 1
-        infeasible += not solutions
-        for solution in solutions:
-            if solution.program is not None:
-                solver_time += solution.program.solve_time_s
-                max_gap = max(max_gap, solution.program.gap)
-                statuses.add(solution.program.status)
-            found.append(solution)
-        if progress:
-            progress(index + 1, len(scored), min(found, key=_rank) if found else None)
-
-    if not found:
-        raise _nothing_fits(model, cluster, train, pins, options, memory_pruned, scored, capacity)
-    found = _distinct(found)
+    open_bound, complete = state.run(progress)
+    pruned = sum(node.size for node in state.heap)
+    if not state.found:
+        if not complete:
+            raise InfeasibleError("The program budget ended before any plan fitted; raise solver.max_programs.")
+        raise _nothing_fits(state, families)
+    found = _distinct(state.found)
     best_time = found[0].estimate.step_time_s
     gap = 0.0 if open_bound is None else max(0.0, (best_time - open_bound) / best_time)
+    st = state.stats
     stats = SearchStats(
-        configs_enumerated=len(strategies),
-        configs_pruned_by_memory=len(memory_pruned),
-        configs_pruned_by_bound=bound_pruned,
-        programs_solved=solved,
-        programs_infeasible=infeasible,
-        programs_unsolved=unsolved,
-        solver_time_s=solver_time,
+        configs_enumerated=enumerated,
+        configs_pruned_by_memory=st["memory"],
+        configs_pruned_by_bound=pruned,
+        programs_solved=st["solved"],
+        programs_infeasible=st["infeasible"],
+        programs_unsolved=st["unsolved"],
+        mixed_integer_programs=st["mips"],
+        families=len(families),
+        bounds_computed=st["bounds"],
+        solver_time_s=state.solver_time,
         wall_s=time.perf_counter() - started,
-        max_gap=max_gap,
+        max_gap=state.max_gap,
         search_gap=gap,
-        complete=complete and not unsolved,
-        statuses=tuple(sorted(statuses)),
+        complete=complete and not st["unsolved"],
+        statuses=tuple(sorted(state.statuses)),
     )
     return SearchResult(best=found[0], alternatives=tuple(found[1 : options.top_k]), stats=stats)
 
 
-def _seed(scored, model: ModelSpec, capacity: float, pins: Pins, options: SearchOptions) -> list[Solution]:
-    """Incumbents before any program: Megatron's even layout for the most promising
-    strategies. Their step times become the programs' cutoffs, so that a strategy whose
-    program cannot beat them is dismissed quickly."""
-    if pins.layout is not None:
-        return []
-    seeds: list[Solution] = []
-    for _, _, costs in scored[: options.seed_candidates]:
-        s = costs.strategy
-        layout = even_layout(num_layers=model.num_layers, pp=s.pp, vpp=s.vpp, mtp_num_layers=model.mtp_layers)
-        est = evaluate(costs, layout, model, capacity)
-        if est.fits:
-            seeds.append(Solution(s, layout, est, None))
-    seeds.sort(key=_rank)
-    return seeds[: options.top_k]
-
-
 def _distinct(found: list[Solution]) -> list[Solution]:
-    """Best solution per strategy, best first (an even-layout seed and the program's
-    optimum for the same strategy are one alternative, not two)."""
+    """Best solution per strategy, best first."""
     best: dict[Strategy, Solution] = {}
     for x in sorted(found, key=_rank):
         best.setdefault(x.strategy, x)
@@ -200,38 +375,42 @@ def _rank(x: Solution) -> tuple:
     return (round(x.estimate.step_time_s, 12), strategy_key(x.strategy))
 
 
-def _solve(costs: StepCosts, model: ModelSpec, capacity: float, pins: Pins, options: SearchOptions, cutoff: float | None):
+def _evaluate_pinned(costs: StepCosts, model: ModelSpec, capacity: float, text: str) -> Solution | None:
+    """The pinned layout under one strategy; with block recompute and no count pinned, the
+    best count."""
     s = costs.strategy
-    if pins.layout is not None:
-        layout = Layout.parse(pins.layout, s.pp)
-        counts = [1] if not s.full_block or s.recompute_num_layers else range(1, max(st.count("t") for st in layout.stages) + 1)
-        best = None
-        for n in counts:
-            fixed = s if not s.full_block or s.recompute_num_layers else s.replace(recompute_num_layers=n)
-            c = dataclasses.replace(costs, strategy=fixed)
-            est = evaluate(c, layout, model, capacity)
-            if est.fits and (best is None or est.step_time_s < best.estimate.step_time_s):
-                best = Solution(fixed, layout, est, None)
-        return [best] if best else []
-    result = solve_layout(costs, model, capacity, options=options.solver, cutoff_s=cutoff)
-    if result is None:
-        return []
-    fixed = s.replace(recompute_num_layers=result.recompute_num_layers) if s.full_block else s
-    c = dataclasses.replace(costs, strategy=fixed)
-    est = evaluate(c, result.layout, model, capacity)
-    return [Solution(fixed, result.layout, est, result)]
+    layout = Layout.parse(text, s.pp)
+    counts = [None]
+    if s.full_block and s.recompute_num_layers is None:
+        counts = range(1, max(st.count("t") for st in layout.stages) + 1)
+    best = None
+    for n in counts:
+        fixed = s if n is None else s.replace(recompute_num_layers=n)
+        est = evaluate(dataclasses.replace(costs, strategy=fixed), layout, model, capacity)
+        if est.fits and (best is None or est.step_time_s < best.estimate.step_time_s):
+            best = Solution(fixed, layout, est, None)
+    return best
 
 
-def _nothing_fits(model, cluster, train, pins, options, memory_pruned, scored, capacity) -> InfeasibleError:
+def _nothing_fits(state: _Search, families: list[Family]) -> InfeasibleError:
     """Say how much memory the most frugal configuration would need."""
-    candidates = sorted(memory_pruned, key=lambda t: (t[0], t[1]))[:3]
-    candidates += [(0.0, key, costs) for _, key, costs in scored[:3]]
+    model, cluster, pins = state.model, state.cluster, state.pins
+    if not state.memory_pruned:
+        # Every key failed on its bound: look at the families with the least static memory.
+        def static_per_gpu(f: Family) -> float:
+            statics = state.statics.get((f.tp, f.cp, f.pp, f.dp, f.ep))
+            return math.inf if statics is None else sum(statics.values()) / f.pp
+        for f in sorted(families, key=lambda f: (static_per_gpu(f), f.mbs, -f.tp * f.pp * f.cp))[:3]:
+            for s in state.family_members(f):
+                state.memory_pruned.append((peak_floor(state.costs(s), model), strategy_key(s), s))
+    candidates = sorted(state.memory_pruned, key=lambda t: (t[0], t[1]))[:3]
     need, best_s = None, None
-    for _, _, costs in candidates:
-        result = solve_layout(costs, model, capacity, options=options.solver, minimize_memory=True)
+    for _, _, s in candidates:
+        costs = state.costs(s)
+        result = solve_layout(costs, model, state.capacity, options=state.options.solver, minimize_memory=True)
         if result is not None and (need is None or result.objective_s < need):
-            need, best_s = result.objective_s, costs.strategy
-    usable = capacity / GIB
+            need, best_s = result.objective_s, s
+    usable = state.capacity / GIB
     where = f"{cluster.num_nodes} x {cluster.gpus_per_node} {cluster.gpu}"
     pinned = ", ".join(f"strategy.{k}={v}" for k, v in pins.pinned().items())
     msg = (

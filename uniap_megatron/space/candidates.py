@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from functools import lru_cache
 
 from uniap_megatron.errors import InfeasibleError, InputError
 from uniap_megatron.space.layout import Layout
@@ -149,7 +150,10 @@ def _list(values: list[int]) -> str:
     return ", ".join(str(v) for v in values[:16]) + (" ..." if len(values) > 16 else "")
 
 
-def _recompute_options(pins: Pins, max_stage_layers: int) -> list[tuple[Recompute, RecomputeMethod | None, int | None]]:
+@lru_cache(maxsize=1024)
+def recompute_options(pins: Pins, max_stage_layers: int) -> tuple[tuple[Recompute, RecomputeMethod | None, int | None], ...]:
+    """(granularity, method, count) choices searched for stages of up to
+    ``max_stage_layers`` layers, honouring the pins."""
     rec, method, n = pins.recompute, pins.recompute_method, pins.recompute_num_layers
     if rec is None and (method is not None or n is not None):
         rec = Recompute.FULL
@@ -167,7 +171,25 @@ def _recompute_options(pins: Pins, max_stage_layers: int) -> list[tuple[Recomput
                 if n is None:
                     groups += [k for k in UNIFORM_GROUPS if k <= max_stage_layers]
                 options.extend((r, m, k) for k in groups)
-    return options
+    return tuple(options)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Strategies that share tp, cp, pp, dp, ep and mbs. The search bounds a family before
+    it looks at its members (vpp, sp, recompute, distributed optimizer)."""
+
+    tp: int
+    cp: int
+    pp: int
+    dp: int
+    ep: int
+    mbs: int
+    vpps: tuple[int, ...]
+    """Virtual stages per rank its members may use."""
+    sps: tuple[bool, ...]
+    recomputes: tuple[Recompute, ...]
+    """Recompute granularities its members may use."""
 
 
 def enumerate_strategies(
@@ -175,6 +197,15 @@ def enumerate_strategies(
 ) -> Iterator[Strategy]:
     """Every strategy of the searched space that satisfies Megatron's rules and the pins,
     in a fixed order."""
+    for family in strategy_families(model, cluster, train, pins):
+        yield from family_strategies(model, train, pins, family)
+
+
+def strategy_families(
+    model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: Pins = Pins()
+) -> Iterator[Family]:
+    """The families of :func:`enumerate_strategies`, in the same order; a family may turn
+    out to have no valid member."""
     world, gpn = cluster.world_size, cluster.gpus_per_node
     layout_stages = len(Layout.parse(pins.layout, 1).stages) if pins.layout else None
     max_stages = model.num_layers + 2
@@ -199,26 +230,35 @@ def enumerate_strategies(
                     for mbs in _options(pins.mbs, divisors(local)):
                         if local % mbs:
                             continue
-                        yield from _inner(model, train, pins, tp, cp, pp, dp, ep, mbs, layout_stages, max_stages)
+                        m = local // mbs
+                        yield Family(
+                            tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, mbs=mbs,
+                            vpps=tuple(_vpps(pins, pp, m, layout_stages, max_stages)),
+                            sps=tuple(_options(pins.sp, [tp > 1])),
+                            recomputes=tuple(dict.fromkeys(r for r, _, _ in recompute_options(pins, 1))),
+                        )
 
 
-def _inner(model, train, pins, tp, cp, pp, dp, ep, mbs, layout_stages, max_stages) -> Iterator[Strategy]:
-    m = train.global_batch_size // (mbs * dp)
+def _vpps(pins: Pins, pp: int, m: int, layout_stages: int | None, max_stages: int) -> list[int]:
     if layout_stages is not None:
         if layout_stages % pp:
-            return
+            return []
         vpps = [layout_stages // pp]
     else:
         vpps = [v for v in range(1, max_stages // pp + 1) if v == 1 or (pp > 1 and m >= pp and m % pp == 0)]
-    for vpp in _options(pins.vpp, vpps):
-        if layout_stages is not None and vpp * pp != layout_stages:
-            continue
-        max_stage_layers = -(-model.num_layers // (pp * vpp))
-        for sp in _options(pins.sp, [tp > 1]):
-            for rec, method, n in _recompute_options(pins, max_stage_layers):
+    return [v for v in _options(pins.vpp, vpps) if layout_stages is None or v * pp == layout_stages]
+
+
+def family_strategies(model: ModelSpec, train: TrainSpec, pins: Pins, family: Family) -> Iterator[Strategy]:
+    """The valid strategies of one family, in a fixed order."""
+    f = family
+    for vpp in f.vpps:
+        max_stage_layers = -(-model.num_layers // (f.pp * vpp))
+        for sp in f.sps:
+            for rec, method, n in recompute_options(pins, max_stage_layers):
                 for distopt in _options(pins.distributed_optimizer, [True]):
                     s = Strategy(
-                        tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, dp=dp, sp=sp, mbs=mbs,
+                        tp=f.tp, pp=f.pp, vpp=vpp, cp=f.cp, ep=f.ep, dp=f.dp, sp=sp, mbs=f.mbs,
                         recompute=rec, recompute_method=method, recompute_num_layers=n,
                         distributed_optimizer=distopt,
                     )
@@ -228,11 +268,47 @@ def _inner(model, train, pins, tp, cp, pp, dp, ep, mbs, layout_stages, max_stage
 
 
 def _valid(model: ModelSpec, train: TrainSpec, s: Strategy) -> bool:
+    return _shape_valid(train, s) and _recompute_valid(s)
+
+
+def _shape_valid(train: TrainSpec, s: Strategy) -> bool:
     if cp_violation(train, s.cp, s.tp, s.sp) or microbatch_violation(train, s):
         return False
-    if s.sp and s.tp == 1 or s.vpp > 1 and s.pp == 1:
-        return False
+    return not (s.sp and s.tp == 1 or s.vpp > 1 and s.pp == 1)
+
+
+def _recompute_valid(s: Strategy) -> bool:
     return not [p for p in recompute_violations(s) if "needs strategy.recompute_num_layers" not in p]
+
+
+@lru_cache(maxsize=4096)
+def _valid_recomputes(pins: Pins, max_stage_layers: int, recompute: Recompute | None) -> int:
+    return sum(
+        _recompute_valid(Strategy(tp=1, pp=1, dp=1, recompute=r, recompute_method=m, recompute_num_layers=n))
+        for r, m, n in recompute_options(pins, max_stage_layers)
+        if recompute is None or r is recompute
+    )
+
+
+def family_size(
+    model: ModelSpec, train: TrainSpec, pins: Pins, family: Family, *,
+    sp: bool | None = None, recompute: Recompute | None = None,
+) -> int:
+    """How many strategies :func:`family_strategies` yields (those with ``sp`` and
+    ``recompute`` when given), without building them all: validity splits into the
+    pipeline shape (vpp, sp) and the recompute choice."""
+    f, count = family, 0
+    distopts = len(_options(pins.distributed_optimizer, [True]))
+    for vpp in f.vpps:
+        max_stage_layers = -(-model.num_layers // (f.pp * vpp))
+        recomputes = _valid_recomputes(pins, max_stage_layers, recompute)
+        for with_sp in f.sps:
+            if sp is not None and with_sp != sp:
+                continue
+            shape = Strategy(tp=f.tp, pp=f.pp, vpp=vpp, cp=f.cp, ep=f.ep, dp=f.dp, sp=with_sp, mbs=f.mbs)
+            if _shape_valid(train, shape):
+                count += recomputes * distopts
+    return count
 
 
 def explain_empty(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: Pins) -> InfeasibleError:
