@@ -34,8 +34,8 @@ class LayoutResult:
     layout: Layout | None
     """The best layout, or None when no layout fits or none beats the cutoff."""
     estimate: Estimate | None
-    fits: bool
-    """Some layout fits in memory (when False, ``layout`` is None)."""
+    fits: bool | None
+    """Some layout fits in memory; False when none does, None when a cutoff left it open."""
     proven: bool
     """The layout is optimal (or, without a layout, nothing beats the cutoff)."""
     gap: float
@@ -101,13 +101,17 @@ def best_layout(
         # The program proved that nothing beats the cutoff (the incumbent, if any).
         if incumbent is not None and incumbent.step_time_s < cutoff_s:
             return LayoutResult(layout, incumbent, True, True, 0.0, "program", 1, elapsed)
-        return LayoutResult(None, None, incumbent is not None, True, 0.0, "program", 1, elapsed)
-    fixed = s.replace(recompute_num_layers=result.recompute_num_layers) if s.full_block else s
-    assert fixed == s, "the search fixes recompute_num_layers before solving"
+        fits = True if incumbent is not None else (None if math.isfinite(cutoff) else False)
+        return LayoutResult(None, None, fits, True, 0.0, "program", 1, elapsed)
+    assert result.recompute_num_layers == s.recompute_num_layers, "the search fixes the count before solving"
     est = evaluate(costs, result.layout, model, capacity)
     if incumbent is not None and incumbent.step_time_s <= est.step_time_s:
-        layout, est = layout, incumbent
+        est = incumbent
     else:
         layout = result.layout
     proven = result.gap <= 0.0
+    if est.step_time_s >= cutoff_s:
+        # The program's solution does not beat the cutoff (HiGHS's bound stops the search,
+        # not every solution above it).
+        return LayoutResult(None, None, True, proven, result.gap, "program", 1, elapsed)
     return LayoutResult(layout, est, True, proven, result.gap, "program", 1, elapsed)

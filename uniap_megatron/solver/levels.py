@@ -47,7 +47,7 @@ DP = Callable[[float, float, str], "Pick | None"]
 class Outcome:
     best: Pick | None
     """The optimum, or None when nothing beats the cutoff (or nothing fits)."""
-    fits: bool
+    fits: bool | None
     """Whether any layout fits in memory (and obeys the limits the caller imposed)."""
     calls: int
 

@@ -460,6 +460,8 @@ def solve_ranks(inst: Instance, cutoff: float = math.inf) -> RanksResult:
         fits |= out.fits
         if out.best is not None and out.best.objective(a) < best_value:
             best, best_value = out.best, out.best.objective(a)
+    if not fits and math.isfinite(z_limit):
+        fits = None  # the limit hid layouts: whether any fits is not known
     counts = mtp = None
     if best is not None:
         per_rank, mtp = best.plan

@@ -266,27 +266,39 @@ class _Search:
             else:
                 self.found.append(solution)
             return
-        cutoff = self.cutoff()
-        local = cutoff
-        if not math.isfinite(local):
-            # No k-th plan yet: Megatron's even split, when it fits, still bounds this one.
-            even = even_layout(num_layers=self.model.num_layers, pp=s.pp, vpp=s.vpp,
-                               mtp_num_layers=self.model.mtp_layers)
-            est = evaluate(costs, even, self.model, self.capacity)
-            if est.fits:
-                local = est.step_time_s
-        result = best_layout(costs, self.model, self.capacity, cutoff_s=local * (1 + REL_TOL),
-                             options=self.options.solver)
+        result = self._best_layout(node)
         self.stats["solved"] += 1
         self.stats["mips"] += result.programs
         self.solver_time += result.solve_time_s
         if result.layout is None:
-            if not result.fits:
+            if result.fits is False:
                 self.stats["infeasible"] += 1
             return
         self.max_gap = max(self.max_gap, result.gap)
         self.statuses.add("optimal" if result.proven else "feasible")
         self.found.append(Solution(s, result.layout, result.estimate, result))
+
+    def _best_layout(self, node: _Node) -> LayoutResult:
+        """The strategy's optimum if it beats the k-th plan. Before there is a k-th plan,
+        the solver still gets a limit, which keeps its tables small: Megatron's even split
+        when it fits, else a few steps above the node's bound (raised until a layout
+        shows up; the order is fixed, so the answer is too)."""
+        (s,) = node.members
+        costs, cutoff = node.costs, self.cutoff()
+        limits = [cutoff]
+        if not math.isfinite(cutoff):
+            even = even_layout(num_layers=self.model.num_layers, pp=s.pp, vpp=s.vpp,
+                               mtp_num_layers=self.model.mtp_layers)
+            est = evaluate(costs, even, self.model, self.capacity)
+            limits = [est.step_time_s] if est.fits else [node.bound * 1.02, node.bound * 1.1, math.inf]
+        total = 0.0
+        for limit in limits:
+            result = best_layout(costs, self.model, self.capacity, cutoff_s=limit * (1 + REL_TOL),
+                                 options=self.options.solver)
+            total += result.solve_time_s
+            if result.layout is not None or result.fits is False:
+                break
+        return dataclasses.replace(result, solve_time_s=total)
 
     # ------------------------------------------------------------------- run
     def run(self, progress: ProgressFn | None) -> tuple[float | None, bool]:
@@ -372,7 +384,12 @@ def _distinct(found: list[Solution]) -> list[Solution]:
 
 
 def _rank(x: Solution) -> tuple:
-    return (round(x.estimate.step_time_s, 12), strategy_key(x.strategy))
+    return (significant(x.estimate.step_time_s), strategy_key(x.strategy))
+
+
+def significant(x: float, digits: int = 12) -> float:
+    """Rounded to ``digits`` significant digits: equal plans stay equal across float noise."""
+    return float(f"{x:.{digits}g}")
 
 
 def _evaluate_pinned(costs: StepCosts, model: ModelSpec, capacity: float, text: str) -> Solution | None:

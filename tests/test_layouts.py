@@ -1,0 +1,61 @@
+"""The layout solvers against the brute force: same optimum, same infeasibility."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import HealthCheck, assume, given, settings
+
+from instances import layout_problem
+from uniap_megatron.cost.step import evaluate
+from uniap_megatron.solver.layouts import best_layout
+from uniap_megatron.solver.oracle import brute_force
+
+REL = 1e-6
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+def check(costs, model, capacity):
+    want = brute_force(costs, model, capacity)
+    got = best_layout(costs, model, capacity)
+    if want is None:
+        assert got.layout is None, f"found {got.layout} but no layout fits"
+        return got
+    assert got.layout is not None, f"no layout found; the brute force has {want.layout} ({want.estimate.step_time_s})"
+    assert got.proven
+    est = evaluate(costs, got.layout, model, capacity)
+    assert est.fits
+    assert math.isclose(est.step_time_s, want.estimate.step_time_s, rel_tol=REL), (
+        f"{got.layout}: {est.step_time_s} vs optimum {want.layout}: {want.estimate.step_time_s}"
+    )
+    return got
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(layout_problem(vpp=1))
+def test_without_interleaving_matches_brute_force(problem):
+    got = check(*problem)
+    assert got.method == "chain"
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(layout_problem(mixed=False))
+def test_identical_layers_match_brute_force(problem):
+    check(*problem)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(layout_problem(mixed=True, max_layers=5))
+def test_mixed_layers_match_brute_force(problem):
+    check(*problem)
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(layout_problem())
+def test_cutoff_hides_layouts_that_do_not_beat_it(problem):
+    costs, model, capacity = problem
+    want = brute_force(costs, model, capacity)
+    assume(want is not None)
+    best = want.estimate.step_time_s
+    assert best_layout(costs, model, capacity, cutoff_s=best * (1 - 1e-6)).layout is None
+    assert best_layout(costs, model, capacity, cutoff_s=best * (1 + 1e-6)).layout is not None
