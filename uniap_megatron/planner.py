@@ -12,7 +12,7 @@ def plan_request(req: PlanRequest, progress=None, *, profile: str | None = None)
     """``profile``: a profile file whose measured costs replace the analytical ones where it
     has them."""
     from uniap_megatron.cost.activations import Implementation
-    from uniap_megatron.solver.program import SolverOptions
+    from uniap_megatron.solver.options import SolverOptions
     from uniap_megatron.solver.search import SearchOptions, search
 
     implementation = Implementation(req.implementation)

@@ -21,7 +21,7 @@ from uniap_megatron.cost.items import StepCosts
 from uniap_megatron.cost.step import Estimate, evaluate
 from uniap_megatron.solver.chain import solve_chain
 from uniap_megatron.solver.instance import Instance
-from uniap_megatron.solver.program import SolverOptions, solve_layout
+from uniap_megatron.solver.options import SolverOptions
 from uniap_megatron.solver.ranks import solve_ranks
 from uniap_megatron.space.layout import Layout
 from uniap_megatron.spec.model import ModelSpec
@@ -91,6 +91,8 @@ def best_layout(
     if incumbent is not None and incumbent.step_time_s <= bound * (1 + AGREE):
         # The relaxation's layout meets the relaxation's bound: optimal.
         return LayoutResult(layout, est, True, True, 0.0, method, 0, time.perf_counter() - started)
+    from uniap_megatron.solver.program import solve_layout  # PuLP loads only when needed
+
     cutoff = min(cutoff_s, incumbent.step_time_s) if incumbent else cutoff_s
     result = solve_layout(
         costs, model, capacity, options=options, cutoff_s=cutoff, lower_bound_s=bound,

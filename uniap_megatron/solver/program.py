@@ -37,13 +37,13 @@ from uniap_megatron.cost.schedule import inflight_points
 from uniap_megatron.cost.step import p2p_transfers
 from uniap_megatron.errors import InputError, SolverError
 from uniap_megatron.solver.bounds import strategy_z_floor
+from uniap_megatron.solver.options import SOLVERS, SolverOptions
 from uniap_megatron.space.layout import Layout
 from uniap_megatron.space.strategy import Recompute
 from uniap_megatron.spec.model import LayerKind, ModelSpec
 
 MS = 1e3
 GIB = 1024**3
-SOLVERS = ("highs", "cbc", "gurobi", "cpsat", "scip")
 
 
 @dataclass(frozen=True)
@@ -59,16 +59,6 @@ class ProgramResult:
     build_time_s: float
     num_variables: int
     num_constraints: int
-
-
-@dataclass(frozen=True)
-class SolverOptions:
-    name: str = "highs"
-    time_limit_s: float = 10.0
-    """A safety net; the deterministic limit is ``max_nodes``."""
-    gap_rel: float = 1e-9
-    threads: int = 1
-    max_nodes: int = 20000
 
 
 def make_solver(options: SolverOptions, cutoff_ms: float | None = None, *, warm: bool = False, presolve: bool = True):

@@ -40,7 +40,7 @@ from uniap_megatron.solver.bounds import (
     variants_bound,
 )
 from uniap_megatron.solver.layouts import LayoutResult, best_layout
-from uniap_megatron.solver.program import SolverOptions, solve_layout
+from uniap_megatron.solver.options import SolverOptions
 from uniap_megatron.space.candidates import (
     Family,
     Pins,
@@ -411,6 +411,7 @@ def _evaluate_pinned(costs: StepCosts, model: ModelSpec, capacity: float, text: 
 
 def _nothing_fits(state: _Search, families: list[Family]) -> InfeasibleError:
     """Say how much memory the most frugal configuration would need."""
+    from uniap_megatron.solver.program import solve_layout
     model, cluster, pins = state.model, state.cluster, state.pins
     if not state.memory_pruned:
         # Every key failed on its bound: look at the families with the least static memory.
