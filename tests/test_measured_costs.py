@@ -115,7 +115,8 @@ def test_a_slow_tp_in_the_profile_is_avoided(baseline, tmp_path):
 
 def test_measured_collective_replaces_the_ring_formula(baseline, tmp_path):
     _, req, profile, _, analytical = baseline
-    s = analytical.strategy.replace(tp=2, sp=True, dp=analytical.strategy.dp * analytical.strategy.tp // 2)
+    # tp 2 inside a node (the fits' group) and a data-parallel group of 4 (no fit for it).
+    s = analytical.strategy.replace(tp=2, sp=True, pp=1, vpp=1, dp=4)
     fits = (
         fmt.CollectiveMeasurement(key=fmt.CollectiveKey(op=op, size=2, placement="intra_node"), sizes_bytes=(1, 2),
                                   times_s=(1.0, 1.0), latency_s=1e-3, seconds_per_byte=1e-9)
