@@ -115,9 +115,10 @@ def test_nemo_app_pins_from_the_command_line_survive(tmp_path):
 def test_nemo_app_first_last_layout_keys(tmp_path):
     """For megatron-core without pipeline_model_parallel_layout: uneven first/last stages."""
     run = run_app(*NEMO, "+auto_parallel=uniap", "auto_parallel.layout_keys=first_last",
-                  "model.pipeline_model_parallel_size=4", "model.virtual_pipeline_model_parallel_size=null",
-                  "model.num_layers=14", run_dir=tmp_path / "run")
+                  "auto_parallel.keep_section=true", "model.pipeline_model_parallel_size=4",
+                  "model.virtual_pipeline_model_parallel_size=null", "model.num_layers=14", run_dir=tmp_path / "run")
     assert run.proc.returncode == 0, run.proc.stderr
+    assert run.task_config["auto_parallel"]["layout_keys"] == "first_last"
     m = run.task_config["model"]
     assert m.get("pipeline_model_parallel_layout") is None
     per_rank = [s.count("t") for s in Layout.parse(run.plan["layout"], 4).stages]
@@ -231,6 +232,9 @@ def test_torchrun_ranks_plan_alike_from_the_launcher_environment(tmp_path):
         (NEMO, ["auto_parallel.cluster=dgx_z900"], "auto_parallel.cluster ('dgx_z900') must be one of"),
         (NEMO, ["+auto_parallel.colour=blue"], "auto_parallel.colour is not a known key"),
         (("bridge_gpt",), [], "auto_parallel.num_nodes must be given"),
+        (("bridge_gpt",), ["auto_parallel.target=nemo"], "model.encoder_seq_length must be given"),
+        (("bridge_gpt",), ["auto_parallel.target=megatron"], "auto_parallel.target ('megatron') must be one of"),
+        (NEMO, ["+model.num_layers_in_first_pipeline_stage=3"], "model.num_layers_in_first_pipeline_stage is set"),
         (("bridge_gpt",), ["auto_parallel.num_nodes=1", "train.micro_batch_size=3"], "train.micro_batch_size (3)"),
     ],
 )

@@ -56,6 +56,12 @@ class AutoParallelSettings:
     keep_section: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("cluster_overrides", "solver"):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, {})
+            elif not isinstance(value, dict):
+                raise InputError(f"auto_parallel.{name} ({value!r}) must be a mapping of keys to values.")
         if self.layout_keys not in ("layout", "first_last"):
             raise InputError(f"auto_parallel.layout_keys ({self.layout_keys!r}) must be layout or first_last.")
         if self.implementation not in ("te", "local"):
@@ -338,9 +344,9 @@ def _pins(cfg, target: Target, overrides: list[str], names: dict) -> tuple[Pins,
     for key in OTHER_LAYOUT_KEYS:
         if key in set_on_cli and select(cfg, key, None) not in (None, False):
             raise InputError(
-                f"{key} is set on the command line, but uniap-megatron places the layers with "
-                "model.pipeline_model_parallel_layout, which Megatron does not accept next to it; "
-                "drop it, or pin the layout itself with model.pipeline_model_parallel_layout=..."
+                f"{key} is set on the command line, but uniap-megatron decides where the layers go; "
+                "drop it, or pin the placement with model.pipeline_model_parallel_layout=... (written "
+                "as first/last-stage counts with auto_parallel.layout_keys=first_last)."
             )
     pins: dict[str, Any] = {}
     pinned: dict[str, Any] = {}
