@@ -98,6 +98,18 @@ def test_nemo_app_gets_a_consistent_plan(tmp_path):
     assert "Written into the config:" in run.proc.stdout + run.proc.stderr
 
 
+def test_nemo_app_moe_gets_expert_parallelism(tmp_path):
+    run = run_app(*NEMO, "+auto_parallel=uniap", "+model.num_moe_experts=8", "+model.moe_router_topk=2",
+                  "model.ffn_hidden_size=2048", "+model.expert_model_parallel_size=4", run_dir=tmp_path / "run")
+    assert run.proc.returncode == 0, run.proc.stderr
+    m = run.task_config["model"]
+    par = nemo_parallel(run.task_config)
+    assert_consistent(par, run.plan)
+    dp = par["world"] // (par["tp"] * par["pp"] * par["cp"])
+    assert run.plan["strategy"]["ep"] == m["expert_model_parallel_size"] == 4
+    assert (dp * par["cp"]) % 4 == 0 and run.plan["model"]["num_moe_experts"] == 8
+
+
 def test_nemo_app_pins_from_the_command_line_survive(tmp_path):
     run = run_app(*NEMO, "+auto_parallel=uniap", "model.tensor_model_parallel_size=4", "model.micro_batch_size=2",
                   "model.virtual_pipeline_model_parallel_size=null", run_dir=tmp_path / "run")
