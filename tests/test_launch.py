@@ -37,7 +37,11 @@ def tools(tmp_path):
         "json.dump({'argv': sys.argv[1:], 'env': dict(os.environ)}, open(os.environ['LAUNCH_DUMP'], 'w'))\n"
     )
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == -* ]]; do shift; done\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu-a17\\ngpu-a18\\n"\n')
+    # One line at a time, slowly, as a long node list arrives.
+    (bin_dir / "scontrol").write_text(
+        '#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] || exit 1\n'
+        'for n in 17 18 19 20; do echo "gpu-a$n"; sleep 0.05; done\n'
+    )
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     return bin_dir
@@ -117,7 +121,7 @@ def test_sbatch_script_runs_one_torchrun_per_node(tmp_path, tools):
     for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=batch",
                       "--time=04:00:00", "--job-name=l3"):
         assert f"#SBATCH {directive}\n" in text
-    proc, dump = run_script(out / "sbatch.sh", tools, env={"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-a[17-18]"})
+    proc, dump = run_script(out / "sbatch.sh", tools, env={"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-a[17-20]"})
     assert proc.returncode == 0, proc.stderr
     options, script, args = split_torchrun(dump["argv"])
     assert options == ["--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",

@@ -156,7 +156,8 @@ def sbatch_script(plan, options: LaunchOptions) -> str:
     lines += ["set -euo pipefail", *_exports(plan)]
     if c.num_nodes > 1:
         lines += [
-            'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+            # sed reads the whole list: with head, scontrol could die of SIGPIPE and pipefail stop the job.
+            'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
             f"MASTER_PORT=${{MASTER_PORT:-{options.master_port}}}",
         ]
     lines.append(_command_lines(words))
