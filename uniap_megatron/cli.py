@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -28,13 +29,25 @@ def compose(overrides: list[str], config_name: str = "config"):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from uniap_megatron.spec.config import normalize_overrides
+
+    overrides = normalize_overrides(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
             return hydra_compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        text = str(err).strip().splitlines()
-        raise InputError(f"invalid override or config: {' '.join(text[:3])}") from None
+        raise InputError(_hydra_message(str(err))) from None
+
+
+def _hydra_message(text: str) -> str:
+    """Hydra's multi-line composition errors as one paragraph."""
+    missing = re.search(r"Could not find '(\w+)/([^']*)'", text)
+    if missing:
+        group, name = missing.groups()
+        options = re.findall(r"^\s+(\S+)\s*$", text.split("Available options", 1)[-1], re.M)
+        return f"{group} ({name}) is not one of the embedded {group} configs; choose one of: {', '.join(options)}."
+    return "invalid override or config: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _write_atomic(path: Path, text: str) -> None:

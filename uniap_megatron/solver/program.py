@@ -61,10 +61,19 @@ class ProgramResult:
     num_constraints: int
 
 
-def make_solver(options: SolverOptions, cutoff_ms: float | None = None, *, warm: bool = False, presolve: bool = True):
-    """A PuLP solver object; errors say which solvers are installed. ``cutoff_ms`` lets
-    HiGHS stop as soon as it proves the program cannot beat that objective."""
-    name = options.name.lower()
+_INSTALL_HINTS = {
+    "highs": "pip install highspy",
+    "cbc": "install Debian's coinor-cbc",
+    "gurobi": "pip install gurobipy",
+    "cpsat": "pip install ortools",
+    "scip": "pip install pyscipopt",
+}
+
+
+def _construct(
+    name: str, options: SolverOptions, cutoff_ms: float | None = None, *, warm: bool = False, presolve: bool = True
+):
+    """The PuLP solver object for ``name``, or None where it is not installed."""
     common = dict(msg=False, timeLimit=options.time_limit_s, gapRel=options.gap_rel)
     if warm and name in ("highs", "cbc", "gurobi"):
         common["warmStart"] = True
@@ -80,29 +89,27 @@ def make_solver(options: SolverOptions, cutoff_ms: float | None = None, *, warm:
         "cpsat": lambda: pulp.CPSAT(threads=options.threads, **common),
         "scip": lambda: pulp.SCIP_PY(threads=options.threads, **common),
     }
-    if name not in factories:
-        raise InputError(f"solver ({options.name!r}) must be one of: {', '.join(SOLVERS)}.")
     try:
         solver = factories[name]()
-        ok = solver.available()
+        return solver if solver.available() else None
     except Exception:  # a solver whose Python package is missing raises on construction
-        ok = False
-    if not ok:
-        installed = [n for n in SOLVERS if _available(n, options)]
-        hint = {"cbc": "install Debian's coinor-cbc", "gurobi": "pip install gurobipy",
-                "cpsat": "pip install ortools", "scip": "pip install pyscipopt",
-                "highs": "pip install highspy"}[name]
+        return None
+
+
+def make_solver(options: SolverOptions, cutoff_ms: float | None = None, *, warm: bool = False, presolve: bool = True):
+    """A PuLP solver object; errors say which solvers are installed. ``cutoff_ms`` lets
+    HiGHS stop as soon as it proves the program cannot beat that objective."""
+    name = options.name.lower()
+    if name not in SOLVERS:
+        raise InputError(f"solver.name ({options.name!r}) must be one of: {', '.join(SOLVERS)}.")
+    solver = _construct(name, options, cutoff_ms, warm=warm, presolve=presolve)
+    if solver is None:
+        installed = [n for n in SOLVERS if _construct(n, options) is not None]
         raise InputError(
-            f"solver ({name}) is not available here ({hint}); installed: {', '.join(installed) or 'none'}."
+            f"solver.name ({name}) is not available here ({_INSTALL_HINTS[name]}); installed: "
+            f"{', '.join(installed) or 'none'}."
         )
     return solver
-
-
-def _available(name: str, options: SolverOptions) -> bool:
-    try:
-        return bool(make_solver(SolverOptions(name=name, time_limit_s=options.time_limit_s)))
-    except InputError:
-        return False
 
 
 @contextlib.contextmanager

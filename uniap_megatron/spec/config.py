@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,54 @@ class PlanRequest:
     implementation: str = "te"
 
 
+# Config sections and the spec each one builds: their fields are the keys a section accepts.
+SECTIONS: dict[str, type] = {
+    "model": ModelSpec,
+    "cluster": ClusterSpec,
+    "train": TrainSpec,
+    "strategy": Pins,
+    "solver": SolverConfig,
+}
+TOP_LEVEL_KEYS = ("implementation", "profile", "output_dir")
+_SECTION_KEY = re.compile(r"^(?P<section>[A-Za-z_]\w*)\.(?P<key>[A-Za-z_]\w*)=")
+_PLAIN_KEY = re.compile(r"^(?P<key>[A-Za-z_]\w*)=")
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """Hydra overrides in which every field of a spec can be set without Hydra's ``+``.
+
+    A model config lists only the fields it sets, and Hydra refuses to override a key the
+    config lacks; the specs' fields are the schema, so ``section.field=value`` becomes
+    Hydra's add-or-override ``++section.field=value``. A key that no spec knows is
+    rejected here, by name, with the closest known key.
+    """
+    out = []
+    for text in overrides:
+        match = _SECTION_KEY.match(text)
+        if match and match["section"] in SECTIONS:
+            section, key = match["section"], match["key"]
+            known = sorted(f.name for f in dataclasses.fields(SECTIONS[section]))
+            if key not in known:
+                raise InputError(f"{section}.{key} is not a known key.{_suggest(key, known, section)}")
+            out.append("++" + text)
+            continue
+        match = _PLAIN_KEY.match(text)
+        if match and match["key"] not in SECTIONS and match["key"] not in TOP_LEVEL_KEYS:
+            key = match["key"]
+            known = sorted([*SECTIONS, *TOP_LEVEL_KEYS])
+            raise InputError(f"{key} is not a known key or config group.{_suggest(key, known, None)}")
+        out.append(text)
+    return out
+
+
+def _suggest(key: str, known: list[str], section: str | None) -> str:
+    prefix = f"{section}." if section else ""
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f" Did you mean {prefix}{close[0]}?"
+    return f" Known keys: {', '.join(prefix + k for k in known)}."
+
+
 def to_container(section: Any, name: str) -> dict:
     """A resolved plain dict of one config section; ``???`` values become clear errors."""
     if section is None:
@@ -49,8 +98,12 @@ def to_container(section: Any, name: str) -> dict:
         return dict(section)
     missing = sorted(k for k in section.keys() if OmegaConf.is_missing(section, k))
     if missing:
-        keys = ", ".join(f"{name}.{k}" for k in missing)
-        raise InputError(f"{keys} must be given (e.g. {name}.{missing[0]}=...); the config leaves it as ???.")
+        keys = [f"{name}.{k}" for k in missing]
+        listed = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
+        them = "it" if len(keys) == 1 else "them"
+        raise InputError(
+            f"{listed} must be given, e.g. {' '.join(k + '=...' for k in keys)}; the config leaves {them} as ???."
+        )
     try:
         return OmegaConf.to_container(section, resolve=True)
     except (InterpolationResolutionError, MissingMandatoryValue) as err:
@@ -63,9 +116,7 @@ def build(cls, values: dict, name: str, *, ignore: tuple[str, ...] = ()):
     unknown = sorted(set(values) - known - set(ignore))
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        hint = f" Did you mean {name}.{close[0]}?" if close else f" Known keys: {', '.join(sorted(known))}."
-        raise InputError(f"{name}.{key} is not a known key.{hint}")
+        raise InputError(f"{name}.{key} is not a known key.{_suggest(key, sorted(known), name)}")
     kwargs = {k: v for k, v in values.items() if k in known}
     missing = [
         f.name
