@@ -421,26 +421,76 @@ def _nothing_fits(state: _Search, families: list[Family]) -> InfeasibleError:
         for f in sorted(families, key=lambda f: (static_per_gpu(f), f.mbs, -f.tp * f.pp * f.cp))[:3]:
             for s in state.family_members(f):
                 state.memory_pruned.append((peak_floor(state.costs(s), model), strategy_key(s), s))
-    candidates = sorted(state.memory_pruned, key=lambda t: (t[0], t[1]))[:3]
-    need, best_s = None, None
-    for _, _, s in candidates:
+    # A few distinct degree combinations with the lowest memory floors. Block recomputation
+    # is examined with its layer count left to the program, which then recomputes as many
+    # layers as memory needs; other virtual sizes of the same degrees barely change memory
+    # and their programs are the slowest to solve.
+    candidates: dict[tuple, Strategy] = {}
+    for _, _, s in sorted(state.memory_pruned, key=lambda t: (t[0], t[1])):
+        degrees = (s.tp, s.cp, s.pp, s.ep, s.dp, s.mbs)
+        if degrees in candidates:
+            continue
+        candidates[degrees] = s
+        if len(candidates) >= 4:
+            break
+    # A bounded search per program (a node count, not seconds: the same on every run); the
+    # figure reported is then the memory of the layout found, at most a little above the least.
+    options = dataclasses.replace(state.options.solver, max_nodes=min(state.options.solver.max_nodes, 2000))
+    frugal: tuple[Estimate, Strategy] | None = None
+    for s in candidates.values():
         costs = state.costs(s)
-        result = solve_layout(costs, model, state.capacity, options=state.options.solver, minimize_memory=True)
-        if result is not None and (need is None or result.objective_s < need):
-            need, best_s = result.objective_s, s
-    usable = state.capacity / GIB
-    where = f"{cluster.num_nodes} x {cluster.gpus_per_node} {cluster.gpu}"
+        if pins.layout is not None:
+            layout = Layout.parse(pins.layout, s.pp)
+        else:
+            if s.full_block and pins.recompute_num_layers is None:
+                s = s.replace(recompute_num_layers=None)
+                costs = dataclasses.replace(costs, strategy=s)
+            result = solve_layout(costs, model, state.capacity, options=options, minimize_memory=True)
+            if result is None:
+                continue
+            layout = result.layout
+            if s.full_block:
+                s = s.replace(recompute_num_layers=result.recompute_num_layers)
+        est = evaluate(dataclasses.replace(costs, strategy=s), layout, model, state.capacity)
+        if frugal is None or est.peak_bytes < frugal[0].peak_bytes:
+            frugal = (est, s)
+    return _fits_nowhere_error(model, cluster, pins, state.capacity, frugal)
+
+
+def _fits_nowhere_error(model, cluster, pins, capacity: float, frugal) -> InfeasibleError:
+    """The memory the most frugal configuration needs, what it holds, and what would fit."""
+    from uniap_megatron.space.rules import divisors, tp_violation
+
+    usable = capacity / GIB
+    nodes = f"{cluster.num_nodes} node{'s' if cluster.num_nodes > 1 else ''}"
     pinned = ", ".join(f"strategy.{k}={v}" for k, v in pins.pinned().items())
     msg = (
-        f"Model {model.name} does not fit in memory on {where} ({usable:.1f} GiB usable per GPU = "
-        f"cluster.memory_gib {cluster.memory_gib} - memory_reserve_gib {cluster.memory_reserve_gib})"
+        f"Model {model.name} does not fit in memory on {nodes} x {cluster.gpus_per_node} {cluster.gpu}"
         + (f" with {pinned}" if pinned else "")
-        + "."
+        + f": each GPU has {usable:.1f} GiB usable (cluster.memory_gib {cluster.memory_gib} - "
+        f"cluster.memory_reserve_gib {cluster.memory_reserve_gib})"
     )
-    if need is not None:
+    if frugal is None:
+        return InfeasibleError(msg + ". Add nodes (cluster.num_nodes) or unpin fields.")
+    est, s = frugal
+    peak = max(est.ranks, key=lambda r: r.peak_bytes)
+    need = est.peak_bytes / GIB
+    msg += (
+        f", and the most memory-frugal configuration, {s.short()}, needs {need:.1f} GiB per GPU "
+        f"({peak.static_bytes / GIB:.1f} GiB weights, gradients and optimizer state, "
+        f"{(peak.activation_bytes + peak.transient_bytes) / GIB:.1f} GiB activations)."
+    )
+    if pins.tp is None and [t for t in divisors(cluster.world_size) if tp_violation(model, t) is None] == [1]:
         msg += (
-            f" The most memory-frugal configuration examined ({best_s.short()}) needs "
-            f"{need:.1f} GiB per GPU."
+            f" Tensor parallelism is ruled out: no tp > 1 divides model.num_attention_heads "
+            f"({model.num_attention_heads}) and the {cluster.world_size} GPUs, with "
+            f"model.num_query_groups ({model.num_query_groups}) a multiple or divisor of it."
         )
-    msg += " Add nodes, lower train.seq_length or the micro-batch size, or unpin fields."
-    return InfeasibleError(msg)
+    # Per-GPU memory falls at best in proportion to the number of GPUs.
+    factor = need / usable
+    fixes = [f"add nodes (about {factor:.1f}x the GPUs: cluster.num_nodes={math.ceil(cluster.num_nodes * factor)} or more)"]
+    if peak.activation_bytes > peak.static_bytes:
+        fixes.append("lower train.seq_length")
+    if pinned:
+        fixes.append("unpin fields")
+    return InfeasibleError(msg + " To fit, " + ", or ".join(fixes) + ".")

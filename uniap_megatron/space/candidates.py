@@ -12,6 +12,7 @@ and as ``uniform`` with groups of 2 to 4 layers, which keep fewer checkpoints.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
@@ -86,64 +87,98 @@ def _options(pinned, natural: list) -> list:
 
 
 def check_pins(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: Pins) -> None:
-    """Reject a pin that no strategy can satisfy, saying what would work."""
+    """Reject a pin that no strategy can satisfy on its own, saying what would work.
+    Combinations of pins that exclude each other are explained by :func:`explain_empty`."""
     world = cluster.world_size
+    gpus = f"{world} GPUs = {cluster.num_nodes} node{'s' if cluster.num_nodes > 1 else ''} x {cluster.gpus_per_node}"
     for name in ("tp", "cp", "pp", "dp"):
         value = getattr(pins, name)
         if value is not None and world % value:
+            good = divisors(world)
+            if name == "tp":
+                good = [t for t in good if tp_violation(model, t) is None]
+            elif name == "cp":
+                good = [c for c in good if cp_violation(train, c) is None]
             raise InputError(
-                f"strategy.{name} ({value}) must divide the number of GPUs ({world} = "
-                f"{cluster.num_nodes} nodes x {cluster.gpus_per_node}); divisors: {_list(divisors(world))}."
+                f"strategy.{name} ({value}) must divide the number of GPUs ({gpus}); "
+                f"valid {name} here: {_list(good)}."
             )
     if pins.tp is not None and (problem := tp_violation(model, pins.tp)):
         good = [t for t in divisors(world) if tp_violation(model, t) is None]
         raise InputError(f"{problem}; valid tp here: {_list(good)}.")
     if pins.cp is not None and (problem := cp_violation(train, pins.cp)):
-        raise InputError(problem + ".")
+        good = [c for c in divisors(world) if cp_violation(train, c) is None]
+        raise InputError(f"{problem}; valid cp here: {_list(good)}.")
     if pins.sp and pins.tp == 1:
-        raise InputError("strategy.sp (true) needs strategy.tp > 1: sequence parallelism splits over the TP group.")
+        raise InputError(
+            "strategy.sp (true) needs strategy.tp > 1: sequence parallelism splits over the TP group; "
+            "pin strategy.tp to 2 or more, or unpin strategy.sp."
+        )
     if pins.vpp is not None and pins.vpp > 1 and pins.pp == 1:
-        raise InputError(f"strategy.vpp ({pins.vpp}) needs strategy.pp > 1.")
+        raise InputError(
+            f"strategy.vpp ({pins.vpp}) needs strategy.pp > 1: interleaving splits each pipeline rank's "
+            "layers into virtual stages; pin strategy.pp to 2 or more, or set strategy.vpp=1."
+        )
     if pins.ep is not None and pins.ep > 1 and not model.is_moe:
         raise InputError(f"strategy.ep ({pins.ep}) must be 1: model {model.name} has no experts.")
-    if pins.mbs is not None and train.global_batch_size % pins.mbs:
+    if pins.ep is not None and model.is_moe and model.num_moe_experts % pins.ep:
         raise InputError(
-            f"train.global_batch_size ({train.global_batch_size}) must be divisible by strategy.mbs ({pins.mbs})."
+            f"strategy.ep ({pins.ep}) must divide model.num_moe_experts ({model.num_moe_experts}); "
+            f"valid ep: {_list(divisors(model.num_moe_experts))}."
         )
-    probe = Strategy(
-        tp=1,
-        pp=1,
-        dp=world,
-        recompute=pins.recompute or Recompute.NONE,
-        recompute_method=pins.recompute_method,
-        recompute_num_layers=pins.recompute_num_layers,
-    )
-    if pins.recompute is not None:
-        problems = [p for p in recompute_violations(probe) if "needs strategy.recompute_num_layers" not in p]
-        if problems:
-            raise InputError(problems[0] + ".")
-    elif pins.recompute_method is not None or pins.recompute_num_layers is not None:
-        # Method or count alone imply full recomputation.
-        pass
+    for name in ("mbs", "dp"):
+        value = getattr(pins, name)
+        if value is not None and train.global_batch_size % value:
+            raise InputError(
+                f"train.global_batch_size ({train.global_batch_size}) must be divisible by strategy.{name} "
+                f"({value}); pin a divisor of {train.global_batch_size} or change the batch size to a "
+                f"multiple of {value}."
+            )
+    if pins.mbs is not None and pins.dp is not None and train.global_batch_size % (pins.mbs * pins.dp):
+        raise InputError(
+            f"train.global_batch_size ({train.global_batch_size}) must be divisible by strategy.mbs x "
+            f"strategy.dp ({pins.mbs} x {pins.dp} = {pins.mbs * pins.dp})."
+        )
+    if pins.recompute is not None and pins.recompute is not Recompute.FULL:
+        for name in ("recompute_method", "recompute_num_layers"):
+            if getattr(pins, name) is not None:
+                raise InputError(
+                    f"strategy.{name} ({getattr(pins, name)}) applies only to strategy.recompute=full, "
+                    f"not {pins.recompute}; unpin one of them."
+                )
     if pins.layout is not None:
         _check_layout(model, pins)
 
 
-def _check_layout(model: ModelSpec, pins: Pins) -> None:
-    pp_options = [pins.pp] if pins.pp else [p for p in range(1, 4097)]
+def layout_pp_options(pins: Pins) -> tuple[int, list[int]]:
+    """Stages of the pinned layout and the pipeline sizes it allows with the other pins."""
     stages = len(Layout.parse(pins.layout, 1).stages)
-    pp_options = [p for p in pp_options if stages % p == 0]
+    options = [p for p in divisors(stages) if pins.pp in (None, p)]
+    if pins.vpp is not None:
+        options = [p for p in options if p * pins.vpp == stages]
+    return stages, [p for p in options if p > 1 or stages == 1]
+
+
+def _check_layout(model: ModelSpec, pins: Pins) -> None:
+    stages, pp_options = layout_pp_options(pins)
     if not pp_options:
+        if pins.pp is not None and stages % pins.pp:
+            reason = f"which is not a multiple of strategy.pp ({pins.pp})"
+        elif pins.pp is not None and pins.vpp is not None:
+            reason = f"but strategy.pp x strategy.vpp is {pins.pp} x {pins.vpp} = {pins.pp * pins.vpp}"
+        elif pins.vpp is not None:
+            reason = (
+                f"so strategy.vpp ({pins.vpp}) would need pp = {stages} / {pins.vpp}"
+                + (", but interleaving needs pp > 1" if stages == pins.vpp else ", which is not a whole number")
+            )
+        else:
+            reason = "but a layout of several stages needs strategy.pp > 1"
         raise InputError(
-            f"strategy.layout has {stages} stages, not a multiple of strategy.pp ({pins.pp})."
+            f"strategy.layout has {stages} stages, {reason}; a layout holds pp x vpp stages "
+            "separated by '|'."
         )
-    layout = Layout.parse(pins.layout, pp_options[0])
+    layout = Layout.parse(pins.layout, pp_options[-1])
     layout.validate(num_layers=model.num_layers, mtp_num_layers=model.mtp_layers)
-    if pins.vpp is not None and pins.pp is not None and stages != pins.pp * pins.vpp:
-        raise InputError(
-            f"strategy.layout has {stages} stages but strategy.pp x strategy.vpp is "
-            f"{pins.pp} x {pins.vpp} = {pins.pp * pins.vpp}."
-        )
 
 
 def _list(values: list[int]) -> str:
@@ -312,21 +347,70 @@ def family_size(
 
 
 def explain_empty(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: Pins) -> InfeasibleError:
-    """Why the pins leave no strategy: the first rule a representative strategy breaks."""
+    """Why the pins leave no strategy: the rules that the closest strategy breaks, and
+    which pin to drop or which batch size would leave valid strategies."""
     world = cluster.world_size
-    tp = pins.tp or 1
-    cp = pins.cp or 1
-    pp = pins.pp or 1
-    dp = pins.dp or max(1, world // (tp * cp * pp))
-    s = Strategy(
-        tp=tp, pp=pp, vpp=pins.vpp or 1, cp=cp, ep=pins.ep or 1, dp=dp, sp=bool(pins.sp),
-        mbs=pins.mbs or 1, recompute=pins.recompute or Recompute.NONE,
-        recompute_method=pins.recompute_method, recompute_num_layers=pins.recompute_num_layers,
-    )
-    problems = violations(model, cluster, train, s)
-    pinned = ", ".join(f"strategy.{k}={v}" for k, v in pins.pinned().items()) or "no pins"
-    reason = problems[0] if problems else "no combination of the free fields satisfies Megatron's rules"
+    closest = min(_probes(model, cluster, train, pins), key=lambda t: (len(t[0]), t[1]))[0]
+    reason = "; ".join(closest) if closest else "no combination of the free fields satisfies Megatron's rules"
+    pinned = ", ".join(f"strategy.{k}={v}" for k, v in pins.pinned().items())
+    fixes = []
+    relaxable = [
+        name for name in pins.pinned()
+        if next(enumerate_strategies(model, cluster, train, dataclasses.replace(pins, **{name: None})), None)
+    ]
+    if relaxable:
+        fixes.append("unpin " + " or ".join(f"strategy.{name}" for name in relaxable))
+    batch = _nearest_batch(model, cluster, train, pins)
+    if batch:
+        fixes.append(f"use train.global_batch_size={batch[0]}" + (f" or {batch[1]}" if len(batch) > 1 else ""))
+    advice = (" To get a valid strategy, " + ", or ".join(fixes) + ".") if fixes else ""
     return InfeasibleError(
-        f"No valid Megatron strategy for {model.name} on {world} GPUs with {pinned}: {reason}. "
-        "Unpin a field or change train.global_batch_size so that it divides by mbs x dp."
+        f"No valid Megatron strategy for {model.name} on {world} GPUs"
+        + (f" with {pinned}" if pinned else "")
+        + f": the closest one breaks Megatron's rules: {reason}.{advice}"
     )
+
+
+def _probes(model, cluster, train, pins) -> Iterator[tuple[list[str], tuple]]:
+    """Strategies that honour every pin and fill the GPUs, with the rules each breaks."""
+    world = cluster.world_size
+    layout_stages = len(Layout.parse(pins.layout, 1).stages) if pins.layout else None
+    for tp in _options(pins.tp, divisors(world)):
+        for cp in _options(pins.cp, divisors(world)):
+            for pp in _options(pins.pp, divisors(world)):
+                dp = world // (tp * cp * pp) if world % (tp * cp * pp) == 0 else 0
+                if pins.dp is not None:
+                    dp = pins.dp
+                if dp < 1:
+                    continue
+                vpp = pins.vpp or (layout_stages // pp if layout_stages and layout_stages % pp == 0 else 1)
+                recompute = pins.recompute or (Recompute.FULL if pins.recompute_method else Recompute.NONE)
+                method = pins.recompute_method or (RecomputeMethod.BLOCK if recompute is Recompute.FULL else None)
+                n = pins.recompute_num_layers or (1 if recompute is Recompute.FULL else None)
+                s = Strategy(
+                    tp=tp, pp=pp, vpp=vpp, cp=cp, ep=pins.ep or 1, dp=dp,
+                    sp=pins.sp if pins.sp is not None else tp > 1, mbs=pins.mbs or 1,
+                    recompute=recompute, recompute_method=method, recompute_num_layers=n,
+                )
+                problems = violations(model, cluster, train, s)
+                if layout_stages and layout_stages != pp * vpp:
+                    problems.append(
+                        f"strategy.layout has {layout_stages} stages, not strategy.pp x strategy.vpp "
+                        f"({pp} x {vpp} = {pp * vpp})"
+                    )
+                yield problems, (tp * cp * pp, tp, pp, cp)
+
+
+def _nearest_batch(model, cluster, train, pins, *, tries: int = 64) -> list[int]:
+    """The closest global batch sizes, below and above, that leave valid strategies."""
+    found = []
+    for direction in (-1, 1):
+        for k in range(1, tries + 1):
+            gbs = train.global_batch_size + direction * k
+            if gbs < 1:
+                break
+            other = dataclasses.replace(train, global_batch_size=gbs)
+            if next(enumerate_strategies(model, cluster, other, pins), None):
+                found.append(gbs)
+                break
+    return found

@@ -116,13 +116,18 @@ class Layout:
             raise InputError(f"{where} must start with the embedding 'E' and hold it exactly once.")
         if not flat.endswith("L") or flat.count("L") != 1:
             raise InputError(f"{where} must end with the loss 'L' and hold it exactly once.")
-        if flat.count("t") != num_layers:
-            raise InputError(
-                f"{where} holds {flat.count('t')} decoder layers 't' but model.num_layers is {num_layers}."
+        if flat.count("t") != num_layers or flat.count("m") != mtp_num_layers:
+            letter, field, held, want = (
+                ("t", "num_layers", flat.count("t"), num_layers)
+                if flat.count("t") != num_layers
+                else ("m", "mtp_num_layers", flat.count("m"), mtp_num_layers)
             )
-        if flat.count("m") != mtp_num_layers:
+            example = even_layout(num_layers=num_layers, pp=self.pp, vpp=self.vpp, mtp_num_layers=mtp_num_layers)
             raise InputError(
-                f"{where} holds {flat.count('m')} MTP layers 'm' but model.mtp_num_layers is {mtp_num_layers}."
+                f"{where} holds {held} {'decoder' if letter == 't' else 'MTP'} layers '{letter}' but "
+                f"model.{field} is {want}; a layout of {self.num_stages} stages must hold {num_layers} 't'"
+                + (f" and {mtp_num_layers} 'm'" if mtp_num_layers else "")
+                + f", e.g. {example.to_megatron()!r}."
             )
         if mtp_num_layers:
             if "t" in flat[flat.index("m"):]:
