@@ -69,8 +69,8 @@ def _heads_local(model: ModelSpec, tp: int) -> tuple[float, float]:
 def attention_bytes(
     model: ModelSpec, shape: ActShape, impl: Implementation, *, selective: bool = False
 ) -> float:
-    """Input norm and attention of a Transformer Engine layer (flash attention, which
-    recomputes nothing more under selective recomputation)."""
+    """Input norm and attention of a Transformer Engine layer (flash attention: selective
+    recomputation saves only the log-sum-exp)."""
     assert impl is Implementation.TE, "the local spec's layer is local_decoder_layer_bytes"
     t, h, d = shape.tokens, model.hidden_size, model.kv_channels
     heads, groups = _heads_local(model, shape.tp)
@@ -79,7 +79,10 @@ def attention_bytes(
     g = shape.gemm_input
     saved = BF16 * t * h / shape.tsp + g * t * h / shape.tsp + g * t * heads * d + mask
     saved += BF16 * t * (heads + 2 * groups) * d  # Q, K, V for the flash backward
-    saved += FP32 * t * heads  # log-sum-exp
+    if not selective:
+        # The float32 log-sum-exp; selective recomputation checkpoints the attention core,
+        # keeping only its inputs Q, K, V (its output is the projection's input anyway).
+        saved += FP32 * t * heads
     return saved
 
 
