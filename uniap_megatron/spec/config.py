@@ -69,6 +69,8 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
             known = sorted(f.name for f in dataclasses.fields(SECTIONS[section]))
             if key not in known:
                 raise InputError(f"{section}.{key} is not a known key.{_suggest(key, known, section)}")
+            if (section, key) in _QUOTED_VALUES:
+                text = _quote_value(text)
             out.append("++" + text)
             continue
         match = _PLAIN_KEY.match(text)
@@ -78,6 +80,18 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
             raise InputError(f"{key} is not a known key or config group.{_suggest(key, known, None)}")
         out.append(text)
     return out
+
+
+# String values whose own syntax collides with Hydra's override grammar: a layout such as
+# Et*4|(t*4|)*18,t*4L holds parentheses and commas (which Hydra reads as a sweep).
+_QUOTED_VALUES = {("strategy", "layout")}
+
+
+def _quote_value(text: str) -> str:
+    key, value = text.split("=", 1)
+    if value[:1] in ("'", '"') or value in ("null", ""):
+        return text
+    return f"{key}='{value}'"
 
 
 def _suggest(key: str, known: list[str], section: str | None) -> str:
