@@ -95,6 +95,13 @@ class Plan:
         return self.alternatives[index].estimate.step_time_s
 
     @property
+    def alternative_predictions(self) -> tuple[Prediction, ...]:
+        return tuple(
+            Prediction.of(a.estimate, self.model, self.cluster, self.train, step_time_s=self.alternative_step_s(i))
+            for i, a in enumerate(self.alternatives)
+        )
+
+    @property
     def megatron_args(self) -> list[str]:
         return megatron_args(self.strategy, self.layout, self.train)
 
@@ -133,10 +140,26 @@ class Plan:
                     "layers": st.layers,
                     "recomputed_layers": st.recomputed,
                     "time_ms": _r(st.time_s * 1e3),
+                    "forward_ms": _r(st.fwd_s * 1e3),
+                    "backward_ms": _r(st.bwd_s * 1e3),
                     "params": st.params,
+                    "static_gib": _r(st.static_bytes / GIB),
                     "activation_gib_per_microbatch": _r(st.act_bytes / GIB),
                 }
                 for st in e.stages
+            ],
+            "ranks": [
+                {
+                    "pp_rank": r.rank,
+                    "time_per_microbatch_ms": _r(r.time_s * 1e3),
+                    "static_gib": _r(r.static_bytes / GIB),
+                    "activation_gib": _r(r.activation_bytes / GIB),
+                    "transient_gib": _r(r.transient_bytes / GIB),
+                    "peak_gib": _r(r.peak_gib),
+                    "dp_exposed_ms": _r(r.dp_exposed_s * 1e3),
+                    "optimizer_ms": _r(r.optimizer_s * 1e3),
+                }
+                for r in e.ranks
             ],
             "megatron_args": self.megatron_args,
             "alternatives": [
@@ -145,9 +168,11 @@ class Plan:
                     "layout": a.layout.to_megatron(),
                     "step_time_s": _r(self.alternative_step_s(i)),
                     "closed_form_step_time_s": _r(a.estimate.step_time_s),
+                    "tokens_per_s_per_gpu": _r(alt.tokens_per_s_per_gpu),
+                    "mfu": _r(alt.mfu),
                     "peak_memory_gib": _r(a.estimate.peak_bytes / GIB),
                 }
-                for i, a in enumerate(self.alternatives)
+                for i, (a, alt) in enumerate(zip(self.alternatives, self.alternative_predictions))
             ],
             "cost_sources": dict(self.cost_sources),
         }
@@ -161,6 +186,7 @@ class Plan:
                 "configs_pruned_by_memory": st.configs_pruned_by_memory,
                 "configs_pruned_by_bound": st.configs_pruned_by_bound,
                 "programs_solved": st.programs_solved,
+                "programs_infeasible": st.programs_infeasible,
                 "complete": st.complete,
             }
             if with_timing:

@@ -34,8 +34,8 @@ def strategy_table(plan: Plan) -> Table:
         ("layout", plan.layout.to_megatron()),
         ("step time", f"{p.step_time_s:.3f} s"),
         ("throughput", f"{p.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {p.mfu:.1%}"),
-        ("peak memory", f"{max(p.peak_memory_gib):.1f} GiB of {p.memory_capacity_gib:.1f} GiB "
-                        f"({plan.cluster.memory_reserve_gib:.1f} GiB reserved)"),
+        ("peak memory", f"{max(p.peak_memory_gib):.1f} GiB of {plan.estimate.capacity_bytes / GIB:.1f} GiB usable "
+                        f"({p.memory_capacity_gib:.1f} GiB less a {plan.cluster.memory_reserve_gib:.1f} GiB reserve)"),
     ]
     for k, v in rows:
         t.add_row(k, v)
@@ -50,26 +50,31 @@ def _recompute_text(s) -> str:
 
 def stages_table(plan: Plan) -> Table:
     t = Table(title="Pipeline stages (one micro-batch)", title_justify="left")
-    for col, just in (("stage", "right"), ("pp rank", "right"), ("vpp", "right"), ("layers", "left"),
-                      ("recomputed", "right"), ("time ms", "right"), ("params M", "right"), ("act GiB", "right")):
-        t.add_column(col, justify=just)
+    for col, just in (("stage", "right"), ("pp/vpp", "right"), ("layers", "left"), ("recomp", "right"),
+                      ("fwd ms", "right"), ("bwd ms", "right"), ("static GiB", "right"), ("act GiB/mb", "right")):
+        t.add_column(col, justify=just, overflow="fold")
     for st in plan.estimate.stages:
-        t.add_row(str(st.index), str(st.rank), str(st.chunk), _stage_text(st.layers), str(st.recomputed),
-                  f"{st.time_s * 1e3:.2f}", f"{st.params / 1e6:,.1f}", f"{st.act_bytes / GIB:.2f}")
+        t.add_row(str(st.index), f"{st.rank}/{st.chunk}", _stage_text(st.layers), str(st.recomputed),
+                  f"{st.fwd_s * 1e3:.2f}", f"{st.bwd_s * 1e3:.2f}", f"{st.static_bytes / GIB:.2f}",
+                  f"{st.act_bytes / GIB:.2f}")
     return t
 
 
 def memory_table(plan: Plan) -> Table:
     cap = plan.cluster.memory_gib
     usable = plan.estimate.capacity_bytes / GIB
-    t = Table(title=f"Memory per pipeline rank (capacity {cap:.1f} GiB, usable {usable:.1f} GiB)", title_justify="left")
-    for col in ("pp rank", "time/mb ms", "weights+grads+optim GiB", "activations GiB", "transient GiB", "peak GiB", ""):
-        t.add_column(col, justify="right" if col else "left")
+    t = Table(
+        title=f"Memory per pipeline rank: usable {usable:.1f} GiB of {cap:.1f} GiB "
+        f"(static = weights, gradients, optimizer state; activations at the schedule's worst moment)",
+        title_justify="left",
+    )
+    for col in ("rank", "time/mb ms", "static GiB", "act GiB", "temp GiB", "peak GiB", "of usable"):
+        t.add_column(col, justify="right")
     for r in plan.estimate.ranks:
-        share = r.peak_gib / cap
-        bar = "#" * round(20 * share) + "." * (20 - round(20 * share))
+        share = r.peak_gib / usable
         t.add_row(str(r.rank), f"{r.time_s * 1e3:.1f}", f"{r.static_bytes / GIB:.1f}",
-                  f"{r.activation_bytes / GIB:.1f}", f"{r.transient_bytes / GIB:.1f}", f"{r.peak_gib:.1f}", bar)
+                  f"{r.activation_bytes / GIB:.1f}", f"{r.transient_bytes / GIB:.1f}", f"{r.peak_gib:.1f}",
+                  f"[bold red]{share:.0%}[/]" if share > 1 else f"{share:.0%}")
     return t
 
 
@@ -93,13 +98,11 @@ def alternatives_table(plan: Plan) -> Table | None:
         return None
     best = plan.prediction.step_time_s
     t = Table(title="Next best plans", title_justify="left")
-    for col in ("strategy", "layout", "step s", "vs best", "peak GiB"):
-        t.add_column(col)
-    for i, a in enumerate(plan.alternatives):
-        layout = a.layout.to_megatron()
-        step = plan.alternative_step_s(i)
-        t.add_row(a.strategy.short(), layout if len(layout) <= 48 else layout[:45] + "...",
-                  f"{step:.3f}", f"+{step / best - 1:.1%}", f"{a.estimate.peak_bytes / GIB:.1f}")
+    for col in ("strategy and layout", "step s", "vs best", "MFU", "peak GiB"):
+        t.add_column(col, justify="left" if col.startswith("strategy") else "right", overflow="fold")
+    for a, p in zip(plan.alternatives, plan.alternative_predictions):
+        t.add_row(f"{a.strategy.short()}\n{a.layout.to_megatron()}", f"{p.step_time_s:.3f}",
+                  f"+{p.step_time_s / best - 1:.1%}", f"{p.mfu:.1%}", f"{a.estimate.peak_bytes / GIB:.1f}")
     return t
 
 
@@ -108,12 +111,17 @@ def solver_text(plan: Plan) -> Text:
         return Text("")
     st = plan.search.stats
     gap = max(st.max_gap, st.search_gap)
-    status = "proven optimal" if st.complete and gap == 0 else f"best found, gap {gap:.2%}"
+    if st.complete and gap == 0:
+        status = "proven optimal"
+    elif not st.complete:
+        status = f"best found, gap {gap:.2%} (stopped at the program budget, solver.max_programs)"
+    else:
+        status = f"best found, gap {gap:.2%}"
     sources = ", ".join(f"{k}: {v}" for k, v in plan.cost_sources)
     return Text(
-        f"Solver: {status}; {st.configs_enumerated:,} strategies, {st.configs_pruned_by_memory:,} ruled out by "
-        f"memory and {st.configs_pruned_by_bound:,} by bound, {st.programs_solved} programs solved in "
-        f"{st.wall_s:.2f} s. Costs: {sources}."
+        f"Solved in {st.wall_s:.2f} s: {status}. {st.configs_enumerated:,} strategies, "
+        f"{st.configs_pruned_by_memory:,} ruled out by memory and {st.configs_pruned_by_bound:,} by bound, "
+        f"{st.programs_solved} layout programs solved. Costs: {sources}."
     )
 
 
