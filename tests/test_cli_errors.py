@@ -125,8 +125,8 @@ SEVEN_HEADS = (
             id="custom-model-missing-field",
         ),
         pytest.param(
-            ("train.precision=fp16",),
-            ["train.precision ('fp16') must be one of: bf16, fp8."],
+            ("train.precision=fp32",),
+            ["train.precision ('fp32') must be one of: bf16, fp16, fp8."],
             id="unknown-precision",
         ),
     ],

@@ -33,11 +33,17 @@ def compose(overrides: list[str], config_name: str = "config"):
 
     overrides = normalize_overrides(overrides)
     GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+        try:
             return hydra_compose(config_name=config_name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise InputError(_hydra_message(str(err))) from None
+        except (HydraException, OmegaConfBaseException) as err:
+            unknown = re.search(r"Could not override '([^'.]+)'", str(err))
+            if unknown:
+                from uniap_megatron.spec.config import unknown_key_message
+
+                known = list(hydra_compose(config_name=config_name).keys())
+                raise InputError(unknown_key_message(unknown.group(1), known)) from None
+            raise InputError(_hydra_message(str(err))) from None
 
 
 def _hydra_message(text: str) -> str:

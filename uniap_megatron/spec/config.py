@@ -48,9 +48,7 @@ SECTIONS: dict[str, type] = {
     "strategy": Pins,
     "solver": SolverConfig,
 }
-TOP_LEVEL_KEYS = ("implementation", "profile", "output_dir")
 _SECTION_KEY = re.compile(r"^(?P<section>[A-Za-z_]\w*)\.(?P<key>[A-Za-z_]\w*)=")
-_PLAIN_KEY = re.compile(r"^(?P<key>[A-Za-z_]\w*)=")
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:
@@ -59,7 +57,8 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     A model config lists only the fields it sets, and Hydra refuses to override a key the
     config lacks; the specs' fields are the schema, so ``section.field=value`` becomes
     Hydra's add-or-override ``++section.field=value``. A key that no spec knows is
-    rejected here, by name, with the closest known key.
+    rejected here, by name, with the closest known key; other keys are left to Hydra
+    (the CLI words its refusals with :func:`unknown_key_message`).
     """
     out = []
     for text in overrides:
@@ -73,11 +72,6 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
                 text = _quote_value(text)
             out.append("++" + text)
             continue
-        match = _PLAIN_KEY.match(text)
-        if match and match["key"] not in SECTIONS and match["key"] not in TOP_LEVEL_KEYS:
-            key = match["key"]
-            known = sorted([*SECTIONS, *TOP_LEVEL_KEYS])
-            raise InputError(f"{key} is not a known key or config group.{_suggest(key, known, None)}")
         out.append(text)
     return out
 
@@ -92,6 +86,11 @@ def _quote_value(text: str) -> str:
     if value[:1] in ("'", '"') or value in ("null", ""):
         return text
     return f"{key}='{value}'"
+
+
+def unknown_key_message(key: str, known: list[str]) -> str:
+    """For a key that neither a spec nor the composed config knows."""
+    return f"{key} is not a known key or config group.{_suggest(key, sorted(known), None)}"
 
 
 def _suggest(key: str, known: list[str], section: str | None) -> str:
