@@ -54,7 +54,7 @@ from uniap_megatron.space.candidates import (
 from uniap_megatron.space.layout import Layout, even_layout
 from uniap_megatron.space.strategy import Recompute, Strategy
 from uniap_megatron.spec.cluster import ClusterSpec
-from uniap_megatron.spec.model import ModelSpec
+from uniap_megatron.spec.model import LayerKind, ModelSpec
 from uniap_megatron.spec.train import TrainSpec
 
 GIB = 1024**3
@@ -334,6 +334,12 @@ def search(
     progress: ProgressFn | None = None,
 ) -> SearchResult:
     started = time.perf_counter()
+    if options.solver.name.lower() != "highs":
+        # A solver the user named must be installed even when no program turns out to be
+        # needed; HiGHS is a dependency, and checking it would import PuLP for nothing.
+        from uniap_megatron.solver.program import make_solver
+
+        make_solver(options.solver)
     check_pins(model, cluster, train, pins)
     state = _Search(model, cluster, train, pins, options)
     families = list(strategy_families(model, cluster, train, pins))
@@ -413,26 +419,41 @@ def _nothing_fits(state: _Search, families: list[Family]) -> InfeasibleError:
     """Say how much memory the most frugal configuration would need."""
     from uniap_megatron.solver.program import solve_layout
     model, cluster, pins = state.model, state.cluster, state.pins
-    if not state.memory_pruned:
-        # Every key failed on its bound: look at the families with the least static memory.
-        def static_per_gpu(f: Family) -> float:
-            statics = state.statics.get((f.tp, f.cp, f.pp, f.dp, f.ep))
-            return math.inf if statics is None else sum(statics.values()) / f.pp
-        for f in sorted(families, key=lambda f: (static_per_gpu(f), f.mbs, -f.tp * f.pp * f.cp))[:3]:
-            for s in state.family_members(f):
-                state.memory_pruned.append((peak_floor(state.costs(s), model), strategy_key(s), s))
-    # A few distinct degree combinations with the lowest memory floors. Block recomputation
-    # is examined with its layer count left to the program, which then recomputes as many
-    # layers as memory needs; other virtual sizes of the same degrees barely change memory
-    # and their programs are the slowest to solve.
-    candidates: dict[tuple, Strategy] = {}
-    for _, _, s in sorted(state.memory_pruned, key=lambda t: (t[0], t[1])):
-        degrees = (s.tp, s.cp, s.pp, s.ep, s.dp, s.mbs)
-        if degrees in candidates:
-            continue
-        candidates[degrees] = s
-        if len(candidates) >= 4:
+    def static_per_gpu(f: Family) -> float:
+        """Weights, gradients and optimizer state of the whole model over the pipeline."""
+        probe = Strategy(tp=f.tp, cp=f.cp, pp=f.pp, dp=f.dp, ep=f.ep, mbs=f.mbs)
+        statics = item_statics(model, probe, state.train.precision)
+        kinds = [LayerKind.EMBEDDING, LayerKind.LOSS, *model.decoder_kinds]
+        kinds += [LayerKind.MTP] * model.mtp_layers
+        return sum(statics[k] for k in kinds) / f.pp
+
+    # Static memory dominates when nothing fits: among the families within 10% of the least
+    # of it (at their smallest micro-batch), the fully recomputed members with the lowest
+    # memory floors, and the strategies the search itself ruled out by memory.
+    smallest_mbs = {}
+    for f in families:
+        key = (f.tp, f.cp, f.pp, f.dp, f.ep)
+        smallest_mbs[key] = min(smallest_mbs.get(key, f.mbs), f.mbs)
+    frugal_families = [f for f in families if f.mbs == smallest_mbs[(f.tp, f.cp, f.pp, f.dp, f.ep)]]
+    statics = {f: static_per_gpu(f) for f in frugal_families}
+    least = min(statics.values(), default=math.inf)
+    floors = []
+    for f in sorted(frugal_families, key=lambda f: (statics[f], f.tp, f.cp, f.pp)):
+        if statics[f] > 1.1 * least:
             break
+        members = [s for s in state.family_members(f) if s.vpp == min(f.vpps)]
+        full = [s for s in members if s.recompute is Recompute.FULL] or members
+        floors += [(peak_floor(state.costs(s), model), strategy_key(s), s) for s in full]
+    # A few distinct degree combinations. Block recomputation is examined with its layer
+    # count left to the program, which then recomputes as many layers as memory needs; other
+    # virtual sizes of the same degrees barely change memory and their programs are the
+    # slowest to solve.
+    candidates: dict[tuple, Strategy] = {}
+    for floor_list, most in ((floors, 4), (state.memory_pruned, 6)):
+        for _, _, s in sorted(floor_list, key=lambda t: (t[0], t[1])):
+            if len(candidates) >= most:
+                break
+            candidates.setdefault((s.tp, s.cp, s.pp, s.ep, s.dp, s.mbs), s)
     # A bounded search per program (a node count, not seconds: the same on every run); the
     # figure reported is then the memory of the layout found, at most a little above the least.
     options = dataclasses.replace(state.options.solver, max_nodes=min(state.options.solver.max_nodes, 2000))
