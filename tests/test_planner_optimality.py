@@ -146,5 +146,4 @@ def test_uneven_ranks_are_not_pruned_by_a_wrong_floor():
     pinned = search(model, cluster, train, Pins(tp=1, pp=2, dp=1, mbs=8, recompute="full",
                                                   recompute_method="block", recompute_num_layers=2))
     assert best.estimate.step_time_s <= pinned.best.estimate.step_time_s
-    # The program's objective is the evaluator's step time of the layout it returns.
-    assert best.program.objective_s == pytest.approx(best.estimate.step_time_s, rel=1e-6)
+    assert best.program.proven and best.program.gap == 0
