@@ -101,6 +101,7 @@ def _naive(plan, limit_s: float) -> dict:
     """The winning strategy's layout problem, solved by the search's solver and by the
     naive per-layer program."""
     from uniap_megatron.cost.items import step_costs
+    from uniap_megatron.errors import SolverError
     from uniap_megatron.solver.layouts import best_layout
     from uniap_megatron.solver.program import SolverOptions, solve_layout
 
@@ -111,7 +112,10 @@ def _naive(plan, limit_s: float) -> dict:
     fast_s = time.perf_counter() - t
     t = time.perf_counter()
     options = SolverOptions(time_limit_s=limit_s, max_nodes=10**9)
-    result = solve_layout(costs, plan.model, capacity, options=options, naive=True)
+    try:
+        result = solve_layout(costs, plan.model, capacity, options=options, naive=True)
+    except SolverError:  # the time limit came before any layout
+        result = None
     naive_s = time.perf_counter() - t
     finished = result is not None and result.status == "Optimal"
     out = {"fast_layout_s": fast_s, "naive_s": naive_s if finished else None, "naive_finished": finished}

@@ -39,15 +39,21 @@ def item(draw, kind: LayerKind, ckpt: float) -> ItemCost:
 
 @st.composite
 def layout_problem(draw, *, max_layers: int = 6, max_stages: int = 6, vpp: int | None = None,
-                   mixed: bool | None = None):
-    """(costs, model, capacity) of a random strategy small enough for brute force."""
-    layers = draw(st.integers(1, max_layers))
+                   mixed: bool | None = None, prefix: bool = False):
+    """(costs, model, capacity) of a random strategy small enough for brute force;
+    ``prefix``: the first layers dense, the others MoE (DeepSeek-V3's shape)."""
+    layers = draw(st.integers(2 if prefix else 1, max_layers))
+    mixed = mixed or prefix
     pp = draw(st.sampled_from([1, 2, 2, 3]))
     if vpp is None:
         vpp = 1 if pp == 1 else draw(st.integers(1, max(1, max_stages // pp)))
     mixed = draw(st.booleans()) if mixed is None else mixed
     mtp = draw(st.booleans())
-    pattern = tuple(draw(st.lists(st.integers(0, 1), min_size=layers, max_size=layers))) if mixed else None
+    if prefix:
+        dense = draw(st.integers(1, layers - 1))
+        pattern = (0,) * dense + (1,) * (layers - dense)
+    else:
+        pattern = tuple(draw(st.lists(st.integers(0, 1), min_size=layers, max_size=layers))) if mixed else None
     model = ModelSpec(
         name="random", num_layers=layers, hidden_size=64, num_attention_heads=4, vocab_size=128,
         num_moe_experts=4 if mixed else None, moe_layer_freq=pattern if mixed else 1,

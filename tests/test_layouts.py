@@ -50,6 +50,12 @@ def test_mixed_layers_match_brute_force(problem):
     check(*problem)
 
 
+@settings(max_examples=80, **SETTINGS)
+@given(layout_problem(prefix=True, max_layers=6))
+def test_dense_first_layers_match_brute_force(problem):
+    check(*problem)
+
+
 @settings(max_examples=15, **SETTINGS)
 @given(layout_problem())
 def test_cutoff_hides_layouts_that_do_not_beat_it(problem):

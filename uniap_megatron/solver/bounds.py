@@ -21,6 +21,7 @@ is still free.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,6 +32,7 @@ from uniap_megatron.cost.items import StepCosts, static_bytes
 from uniap_megatron.cost.params import item_params
 from uniap_megatron.cost.schedule import inflight_points
 from uniap_megatron.cost.step import p2p_transfers
+from uniap_megatron.solver.mixed import composition_floor, composition_rows, decoder_kinds, tail_rows
 from uniap_megatron.space.strategy import Recompute, RecomputeMethod, Strategy
 from uniap_megatron.spec.model import LayerKind, ModelSpec
 
@@ -70,16 +72,42 @@ class Layers:
 
     @classmethod
     def of(cls, costs: StepCosts, model: ModelSpec, static: dict[LayerKind, float] | None = None) -> Layers:
-        items = [costs.items[k] for k in model.decoder_kinds]
-        statics = [c.static_bytes for c in items] if static is None else [static[k] for k in model.decoder_kinds]
+        kinds = decoder_kinds(model)
+        statics = static or {k: c.static_bytes for k, c in costs.items.items()}
+        return cls.combine(LayerTimes.of(costs, kinds), _cheapest([statics[k] for k in kinds]))
+
+    @classmethod
+    def combine(cls, times: LayerTimes, static: np.ndarray) -> Layers:
+        return cls(times.time, times.recompute, static, times.act, times.act_min, times.ckpt_min, times.recompute_min)
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """The part of :class:`Layers` that item times and activations give (shared by every
+    pipeline shape with the same items)."""
+
+    time: np.ndarray
+    recompute: np.ndarray
+    act: np.ndarray
+    act_min: float
+    ckpt_min: float
+    recompute_min: float
+
+    @classmethod
+    def of(cls, costs: StepCosts, kinds: tuple[LayerKind, ...]) -> LayerTimes:
+        counts = {k: kinds.count(k) for k in set(kinds)}
+        items = {k: costs.items[k] for k in counts}
+
+        def cheapest(attr) -> np.ndarray:
+            return _cheapest([v for k, n in counts.items() for v in [attr(items[k])] * n])
+
         return cls(
-            time=_cheapest([c.time_s for c in items]),
-            recompute=_cheapest([c.recompute_s for c in items]),
-            static=_cheapest(statics),
-            act=_cheapest([c.act_bytes for c in items]),
-            act_min=min(c.act_bytes for c in items),
-            ckpt_min=min(c.ckpt_bytes for c in items),
-            recompute_min=min(c.recompute_s for c in items),
+            time=cheapest(lambda c: c.time_s),
+            recompute=cheapest(lambda c: c.recompute_s),
+            act=cheapest(lambda c: c.act_bytes),
+            act_min=min(c.act_bytes for c in items.values()),
+            ckpt_min=min(c.ckpt_bytes for c in items.values()),
+            recompute_min=min(c.recompute_s for c in items.values()),
         )
 
 
@@ -230,10 +258,10 @@ def loosest(recs: list[Recomputation]) -> Recomputation:
 def work_floor(costs: StepCosts, model: ModelSpec, rec: Recomputation, vpp: int) -> float:
     """Sum over ranks of the time per micro-batch, at least."""
     s, items = costs.strategy, costs.items
-    every = [items[k] for k in model.decoder_kinds] + [items[LayerKind.EMBEDDING], items[LayerKind.LOSS]]
+    every = [items[k] for k in decoder_kinds(model)] + [items[LayerKind.EMBEDDING], items[LayerKind.LOSS]]
     every += [items[LayerKind.MTP]] * model.mtp_layers if model.mtp_layers else []
     work = sum(c.time_s for c in every) + costs.p2p_s * 2 * (s.pp * vpp - 1)
-    rhos = sorted(items[k].recompute_s for k in model.decoder_kinds)
+    rhos = sorted(items[k].recompute_s for k in decoder_kinds(model))
     if rec.kind == "all":
         work += sum(rhos)
     elif rec.kind == "range":
@@ -243,35 +271,40 @@ def work_floor(costs: StepCosts, model: ModelSpec, rec: Recomputation, vpp: int)
 
 def tail_floor(tails: StepCosts, model: ModelSpec, times: StepCosts | None = None, *, recompute: bool) -> float:
     """Least possible slowest tail: rank r holding T layers waits at least
-    ``bucket + optimizer(T) + max(0, comm(T) - window(T))``, with the T cheapest layers for
-    each term and every layer's recomputation counted in its window when ``recompute``.
-    Parameters and communication rates come from ``tails``, times from ``times`` (by
-    default the same costs)."""
+    ``bucket + optimizer(T) + max(0, comm(T) - window(T))``, with every layer's
+    recomputation counted in its window when ``recompute``. Parameters and communication
+    rates come from ``tails``, times from ``times`` (by default the same costs)."""
     times = times or tails
-    pp = tails.strategy.pp
-    gd = tails.dp_grad_s_per_param + tails.dp_gather_s_per_param
-    ge = tails.edp_grad_s_per_param + tails.edp_gather_s_per_param
-    od, oe = tails.optimizer_s_per_param, tails.optimizer_s_per_expert_param
+    figures = tuple(
+        (k, tails.items[k].params.dense, tails.items[k].params.expert, times.items[k].time_s,
+         times.items[k].recompute_s if recompute else 0.0)
+        for k in sorted(tails.items)
+    )
+    rates = (tails.dp_grad_s_per_param + tails.dp_gather_s_per_param,
+             tails.edp_grad_s_per_param + tails.edp_gather_s_per_param,
+             tails.optimizer_s_per_param, tails.optimizer_s_per_expert_param, tails.dp_bucket_s)
+    return _tail_floor(model, tails.strategy.pp, figures, rates)
+
+
+@lru_cache(maxsize=4096)
+def _tail_floor(model: ModelSpec, pp: int, figures: tuple, rates: tuple) -> float:
+    gd, ge, od, oe, bucket = rates
+    by_kind = {k: (gd * dense + ge * expert - time - rec, od * dense + oe * expert)
+               for k, dense, expert, time, rec in figures}
 
     def terms(kind):
-        p, t = tails.items[kind].params, times.items[kind]
-        window = t.time_s + (t.recompute_s if recompute else 0.0)
-        return gd * p.dense + ge * p.expert - window, od * p.dense + oe * p.expert
+        return by_kind[kind]
 
-    net, opt = zip(*(terms(k) for k in model.decoder_kinds))
     fixed_net, fixed_opt = np.zeros(pp), np.zeros(pp)
     for rank, kind in ((0, LayerKind.EMBEDDING), (pp - 1, LayerKind.LOSS)):
         n, o = terms(kind)
         fixed_net[rank] += n
         fixed_opt[rank] += o
-    if model.mtp_layers:
-        # Whichever rank holds the MTP layers gains their window; the others do not.
-        fixed_net += min(0.0, model.mtp_layers * terms(LayerKind.MTP)[0])
-    rows = (
-        tails.dp_bucket_s
-        + fixed_opt[:, None] + _cheapest(opt)[None, :]
-        + np.maximum(0.0, fixed_net[:, None] + _cheapest(net)[None, :])
-    )
+    kinds = decoder_kinds(model)
+    if len(set(kinds)) > 1 or model.mtp_layers:
+        return composition_floor(tail_rows(model, terms, fixed_net, fixed_opt, bucket), model)
+    net, opt = zip(*(terms(k) for k in kinds))
+    rows = bucket + fixed_opt[:, None] + _cheapest(opt)[None, :] + np.maximum(0.0, fixed_net[:, None] + _cheapest(net)[None, :])
     return slowest_rank_floor(rows, model.num_layers)
 
 
@@ -287,8 +320,7 @@ def strategy_z_floor(costs: StepCosts, model: ModelSpec, capacity: float) -> flo
     """Least possible time of the slowest rank per micro-batch (0 when nothing fits, so
     that a cut built on it stays harmless)."""
     s = costs.strategy
-    p = profile(costs, model, capacity, vpp=s.vpp, kappas=kappa(s.pp, s.vpp, costs.num_microbatches))
-    z = slowest_rank_floor(rank_time_rows(p, recomputation(costs.strategy)), model.num_layers)
+    z = z_floor(costs, model, capacity, s.vpp, recomputation(s), kappa(s.pp, s.vpp, costs.num_microbatches))
     return z if math.isfinite(z) else 0.0
 
 
@@ -298,9 +330,18 @@ def variants_bound(costs: StepCosts, model: ModelSpec, capacity: float, vpp: int
     return _bound(costs, model, capacity, vpp, loosest(recs), k)
 
 
-def _bound(costs: StepCosts, model: ModelSpec, capacity: float, vpp: int, rec: Recomputation, kappas) -> float:
+def z_floor(costs: StepCosts, model: ModelSpec, capacity: float, vpp: int, rec: Recomputation, kappas) -> float:
+    """Least possible slowest rank per micro-batch; inf when nothing fits."""
     p = profile(costs, model, capacity, vpp=vpp, kappas=kappas)
-    z = slowest_rank_floor(rank_time_rows(p, rec), model.num_layers)
+    if len(set(decoder_kinds(model))) == 1 and not model.mtp_layers:
+        return slowest_rank_floor(rank_time_rows(p, rec), model.num_layers)
+    rows = composition_rows(costs, model, capacity, fixed_time=p.fixed_time, fixed_static=p.fixed_static,
+                            fixed_act=p.fixed_act, kappa=p.kappa, rec=rec, transient=p.transient)
+    return composition_floor(rows, model)
+
+
+def _bound(costs: StepCosts, model: ModelSpec, capacity: float, vpp: int, rec: Recomputation, kappas) -> float:
+    z = z_floor(costs, model, capacity, vpp, rec, kappas)
     if not math.isfinite(z):
         return math.inf
     a = costs.num_microbatches - 1 / vpp
@@ -309,11 +350,45 @@ def _bound(costs: StepCosts, model: ModelSpec, capacity: float, vpp: int, rec: R
     return a * z + rest + costs.embedding_sync_s + costs.overhead_s
 
 
+def spilled_bound(costs: StepCosts, model: ModelSpec, capacity: float, dense: int) -> float:
+    """Lower bound for the layouts of an interleaved strategy whose first chunks (stages
+    0..pp-1) hold fewer than ``dense`` layers in all: nearly everything runs in the other
+    v - 1 chunks, so ``sum_r C_r >= (sum_r P_r - sum_r c_r0) / (v - 1)``."""
+    s = costs.strategy
+    v, pp = s.vpp, s.pp
+    rec = recomputation(s)
+    z = z_floor(costs, model, capacity, v, rec, kappa(pp, v, costs.num_microbatches))
+    if not math.isfinite(z):
+        return math.inf
+    items = costs.items
+    stages = pp * v
+    first = items[LayerKind.EMBEDDING].time_s + sum(costs.p2p_s * p2p_transfers(stages, r) for r in range(pp))
+    first += (dense - 1) * max(items[k].time_s + items[k].recompute_s for k in set(decoder_kinds(model)))
+    rest = max(0.0, work_floor(costs, model, rec, v) - first) / (v - 1)
+    a = costs.num_microbatches - 1 / v
+    return a * z + rest + tail_floor(costs, model, recompute=rec is not KEEP) + costs.embedding_sync_s + costs.overhead_s
+
+
+def shapes_bound(costs: StepCosts, model: ModelSpec, capacity: float, vpps: tuple[int, ...], rec: Recomputation) -> float:
+    """Lower bound for every strategy of a key (``costs`` is one of them): any vpp in
+    ``vpps``, any recomputation within ``rec``. Per rank the fewest p2p transfers (vpp 1)
+    and the fewest in-flight micro-batches over the vpps; no transient memory; and
+    ``(M - 1/v) Z + sum_r C_r >= M Z``."""
+    pp, m = costs.strategy.pp, costs.num_microbatches
+    kappas = np.min([kappa(pp, v, m) for v in vpps], axis=0)
+    base = dataclasses.replace(costs, transient_bytes=0.0)
+    z = z_floor(base, model, capacity, 1, rec, kappas)
+    if not math.isfinite(z):
+        return math.inf
+    tail = tail_floor(costs, model, recompute=rec is not KEEP)
+    return m * z + tail + costs.embedding_sync_s + costs.overhead_s
+
+
 def peak_floor(costs: StepCosts, model: ModelSpec) -> float:
     """Lower bound of the largest per-rank peak memory over every layout of a strategy:
     the average static memory, or the heavier edge item."""
     s, items = costs.strategy, costs.items
-    decoder = [items[k] for k in model.decoder_kinds]
+    decoder = [items[k] for k in decoder_kinds(model)]
     edge = [items[LayerKind.EMBEDDING], items[LayerKind.LOSS]]
     every = decoder + edge + ([items[LayerKind.MTP]] * model.mtp_layers if model.mtp_layers else [])
     static = sum(c.static_bytes for c in every)
@@ -327,10 +402,30 @@ def peak_floor(costs: StepCosts, model: ModelSpec) -> float:
 def item_statics(model: ModelSpec, s: Strategy, precision) -> dict[LayerKind, float]:
     """Static bytes per GPU of each item kind under ``s``, from the cost model's parameter
     counts (no communication model needed)."""
-    kinds = {LayerKind.EMBEDDING, LayerKind.LOSS, *model.decoder_kinds}
+    kinds = {LayerKind.EMBEDDING, LayerKind.LOSS, *decoder_kinds(model)}
     if model.mtp_layers:
         kinds.add(LayerKind.MTP)
     return {k: static_bytes(item_params(model, k, tp=s.tp, ep=s.ep, pp=s.pp), s, precision) for k in kinds}
+
+
+def cheapest_statics(model: ModelSpec, statics: dict[LayerKind, float]) -> np.ndarray:
+    kinds = decoder_kinds(model)
+    return _cheapest([v for k in set(kinds) for v in [statics[k]] * kinds.count(k)])
+
+
+def static_fits(model: ModelSpec, statics: dict[LayerKind, float], pp: int, capacity: float) -> bool:
+    """Whether the weights, gradients and optimizer state alone can be spread over the
+    ranks: rank r holds at most the T layers whose cheapest statics fit beside its fixed
+    items."""
+    fixed = np.zeros(pp)
+    fixed[0] += statics[LayerKind.EMBEDDING]
+    fixed[pp - 1] += statics[LayerKind.LOSS]
+    cheapest = cheapest_statics(model, statics)
+    room = capacity * FIT - fixed
+    if (room < 0).any():
+        return False
+    most = np.searchsorted(cheapest, room, side="right") - 1
+    return int(most.sum()) >= model.num_layers
 
 
 def key_bound(

@@ -68,26 +68,33 @@ def best_layout(
     inst = Instance(costs, model, capacity)
     s = costs.strategy
     budget = cutoff_s - inst.constant
+    region = None
     if s.vpp == 1:
         outcome, exact, method = solve_chain(inst, budget), True, "chain"
         counts, mtp = outcome.best.plan if outcome.best else (None, None)
+        lower = outcome.best.objective(inst.bubble_weight) if outcome.best else math.inf
     else:
         ranks = solve_ranks(inst, budget)
         outcome, exact, method = ranks.outcome, ranks.exact, "ranks"
-        counts, mtp = ranks.counts, ranks.mtp_stage
-    if outcome.best is None:
+        counts, mtp, lower = ranks.counts, ranks.mtp_stage, ranks.bound
+        region = ranks.open_first_chunks
+    if outcome.best is None and (exact or not math.isfinite(lower)):
         # Exact or relaxed, nothing fits or nothing beats the cutoff.
         return LayoutResult(None, None, outcome.fits, True, 0.0, method, 0, time.perf_counter() - started)
-    bound = outcome.best.objective(inst.bubble_weight) + inst.constant
-    layout = Layout(stages=layout_text(model, counts, mtp), pp=s.pp)
-    est = evaluate(costs, layout, model, capacity)
+    bound = lower + inst.constant
+    layout = est = None
+    if counts is not None:
+        layout = Layout(stages=layout_text(model, counts, mtp), pp=s.pp)
+        est = evaluate(costs, layout, model, capacity)
     if exact:
         assert est.fits and abs(est.step_time_s - bound) <= AGREE * bound, (
             f"{s.short()}: the {method} solver's objective {bound} disagrees with evaluate "
             f"({est.step_time_s}, fits={est.fits}) for {layout}"
         )
         return LayoutResult(layout, est, True, True, 0.0, method, 0, time.perf_counter() - started)
-    incumbent = est if est.fits else None
+    incumbent = est if est is not None and est.fits else None
+    # With ``region`` the incumbent is optimal among all layouts but those whose first
+    # chunks hold at most ``region`` layers: the program decides that region alone.
     if incumbent is not None and incumbent.step_time_s <= bound * (1 + AGREE):
         # The relaxation's layout meets the relaxation's bound: optimal.
         return LayoutResult(layout, est, True, True, 0.0, method, 0, time.perf_counter() - started)
@@ -96,7 +103,7 @@ def best_layout(
     cutoff = min(cutoff_s, incumbent.step_time_s) if incumbent else cutoff_s
     result = solve_layout(
         costs, model, capacity, options=options, cutoff_s=cutoff, lower_bound_s=bound,
-        start=layout if incumbent else None,
+        start=layout if incumbent and region is None else None, first_chunk_at_most=region,
     )
     elapsed = time.perf_counter() - started
     if result is None:

@@ -30,6 +30,7 @@ not linear: there the inner problem uses ``t/g`` and the result is a lower bound
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -56,8 +57,12 @@ class _Split:
 class RankSide:
     """One rank: its chunks, their fixed items, and the inner problem for every T."""
 
-    def __init__(self, inst: Instance, rank: int, mtp_stage: int | None, unit: Unit, t_range: range):
+    def __init__(self, inst: Instance, rank: int, mtp_stage: int | None, unit: Unit, t_range: range, *,
+                 lead: int = 0, lead_unit: Unit | None = None, closed: bool = False):
+        """``lead`` layers of ``lead_unit`` open chunk 0 (dense layers of a model whose
+        first layers are dense); ``closed``: chunk 0 holds those and nothing else."""
         self.inst, self.rank, self.unit = inst, rank, unit
+        self.lead, self.lead_unit = lead, lead_unit or unit
         v, pp, L = inst.vpp, inst.pp, inst.num_layers
         self.L, self.v = L, v
         stages = [k * pp + rank for k in range(v)]
@@ -66,10 +71,14 @@ class RankSide:
         self.empty_time = np.array([fx.time + inst.p2p * inst.transfers(i) for fx, i in zip(fixed, stages)])
         self.fixed_act = np.array([fx.act for fx in fixed])
         self.cap_limit = np.array([0 if f else L for f in forced])
+        self.closed = closed
+        if closed:
+            self.cap_limit[0] = lead
         self.plain = [
             k for k in range(v)
             if fixed[k].time == 0 and fixed[k].static == 0 and fixed[k].act == 0 and fixed[k].dense == 0
             and fixed[k].expert == 0 and inst.transfers(stages[k]) == 2 and not forced[k]
+            and not (k == 0 and (lead or closed))
         ]
         self.special = [k for k in range(v) if k not in self.plain]
         # Special chunks sit first (embedding) or last (loss, MTP, emptied): the plain ones are contiguous.
@@ -81,35 +90,67 @@ class RankSide:
         self.fixed_expert = sum(fx.expert for fx in fixed)
         self.points = inst.points(rank)
         self.exact_points = _monotone_points(self.points)
-        t = np.arange(L + 1)
-        self.chunk_work = unit.time * t + unit.recompute * inst.recomputed(t)
-        # Activations a chunk of t layers keeps (its checkpoints included).
-        if inst.mode is Mode.UNIFORM:
-            kept = unit.ckpt * t / inst.count  # ceil(t/g) relaxed to t/g; exact for g = 1
+        # Recomputed layers of a chunk of t layers: none (keep), all (uniform), min(n, t) (block).
+        self.n = {Mode.KEEP: 0, Mode.UNIFORM: L + 1, Mode.BLOCK: inst.count}[inst.mode]
+        plain_work, plain_kept = self._chunk_tables(np.zeros(0, dtype=bool))
+        if lead:
+            # Chunk 0 starts with the lead layers: its own tables.
+            first_work, first_kept = self._chunk_tables(np.arange(L) < lead)
         else:
-            kept = unit.act * (t - inst.recomputed(t)) + unit.ckpt * inst.checkpoints(t)
-        self.kept = kept
-        self.linear = inst.mode is not Mode.BLOCK
-        levels = np.unique(np.concatenate([f + self.chunk_work for f in np.unique(self.empty_time)]))
+            first_work, first_kept = plain_work, plain_kept
+        self.work_of = [first_work] + [plain_work] * (v - 1)
+        self.kept_of = [first_kept] + [plain_kept] * (v - 1)
+        self.chunk_work, self.kept = plain_work, plain_kept
+        self.linear = inst.mode is not Mode.BLOCK and not lead
+        levels = np.unique(np.concatenate([f + w for f, w in zip(self.empty_time, self.work_of)]))
         self.levels = levels[levels >= self.empty_time.max() * (1 - EPS)]
         self.t_range = t_range
         self._caps_cache: dict[int, np.ndarray] = {}
         self._block_cache: dict[tuple[int, int], tuple[np.ndarray, dict]] = {}
         self._first_level: np.ndarray | None = None
 
+    def _chunk_tables(self, is_lead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Work and kept activations of a chunk of t = 0..L layers whose first layers are
+        of the lead kind where ``is_lead`` says so, the rest of ``unit``."""
+        L, inst = self.L, self.inst
+        lead_mask = np.zeros(L, dtype=bool)
+        lead_mask[: len(is_lead)] = is_lead[:L]
+        a, b = self.lead_unit, self.unit
+
+        def prefix(attr) -> np.ndarray:
+            return np.concatenate([[0.0], np.cumsum(np.where(lead_mask, getattr(a, attr), getattr(b, attr)))])
+
+        t = np.arange(L + 1)
+        rec = np.minimum(t, self.n)
+        time, recompute, act = prefix("time"), prefix("recompute"), prefix("act")
+        work = time + recompute[rec]
+        if inst.mode is Mode.UNIFORM:
+            kept = b.ckpt * t / inst.count  # ceil(t/g) relaxed to t/g; exact for g = 1
+        else:
+            kept = act[t] - act[rec] + b.ckpt * rec
+        return work, kept
+
     # ----------------------------------------------------------- rank totals
     def work(self, T, R):
-        return self.fixed_work + self.unit.time * T + self.unit.recompute * R
+        """Forward, backward and recomputation of T layers, R of them recomputed (the lead
+        layers come first in chunk 0, so min(n, lead) of them are among the R)."""
+        a, b, lead = self.lead_unit, self.unit, self.lead
+        lead_rec = min(self.n, lead)
+        return (self.fixed_work + a.time * lead + b.time * (T - lead)
+                + a.recompute * lead_rec + b.recompute * (R - lead_rec))
 
     def p(self, T, R):
         return self.work(T, R) + self.p2p_total
 
     def tail(self, T, R):
-        u = self.unit
-        return self.inst.rank_tail(self.work(T, R), self.fixed_dense + u.dense * T, self.fixed_expert + u.expert * T)
+        a, b, lead = self.lead_unit, self.unit, self.lead
+        dense = self.fixed_dense + a.dense * lead + b.dense * (T - lead)
+        expert = self.fixed_expert + a.expert * lead + b.expert * (T - lead)
+        return self.inst.rank_tail(self.work(T, R), dense, expert)
 
     def static(self, T):
-        return self.fixed_static + self.unit.static * T + self.inst.transient
+        a, b, lead = self.lead_unit, self.unit, self.lead
+        return self.fixed_static + a.static * lead + b.static * (T - lead) + self.inst.transient
 
     def rec_of(self, T: int) -> int:
         """R of the linear modes: nothing (keep) or every layer (uniform)."""
@@ -119,8 +160,8 @@ class RankSide:
     def caps(self, level: int) -> np.ndarray:
         caps = self._caps_cache.get(level)
         if caps is None:
-            room = self.levels[level] - self.empty_time
-            caps = np.searchsorted(self.chunk_work, room + EPS * max(1.0, abs(self.levels[level])), side="right") - 1
+            room = self.levels[level] - self.empty_time + EPS * max(1.0, abs(self.levels[level]))
+            caps = np.array([np.searchsorted(w, r, side="right") - 1 for w, r in zip(self.work_of, room)])
             caps = np.minimum(np.maximum(caps, 0), self.cap_limit)
             self._caps_cache[level] = caps
         return caps
@@ -132,7 +173,8 @@ class RankSide:
 
     def peak(self, splits: np.ndarray, T) -> np.ndarray:
         """Peak memory of rows of per-chunk counts."""
-        act = self.fixed_act + self.kept[splits]
+        kept = np.stack([k[splits[..., c]] for c, k in enumerate(self.kept_of)], axis=-1)
+        act = self.fixed_act + kept
         return self.static(T) + (act @ self.points.T).max(axis=-1)
 
     # ------------------------------------------------------- linear modes
@@ -166,13 +208,15 @@ class RankSide:
 
     # ----------------------------------------------------------- block mode
     def block_options(self, T: int, level: int) -> tuple[np.ndarray, dict]:
-        """Block recompute: which R fit at this level (bool over 0..T), with a split each."""
+        """Which R fit at this level (bool over 0..T), with a split each: the special chunks
+        enumerated, the plain ones split canonically (for the linear modes that is filling
+        from the back: R is 0 or T)."""
         key = (T, level)
         hit = self._block_cache.get(key)
         if hit is not None:
             return hit
-        n, caps = self.inst.count, self.caps(level)
-        ranges = [range(0, min(int(caps[k]), T) + 1) for k in self.special]
+        n, caps = self.n, self.caps(level)
+        ranges = [range(self.lead if k == 0 else 0, min(int(caps[k]), T) + 1) for k in self.special]
         plain_cap = int(caps[self.plain[0]]) if self.plain else 0
         m = len(self.plain)
         rows, recs = [], []
@@ -181,7 +225,12 @@ class RankSide:
             if rest < 0 or rest > m * plain_cap:
                 continue
             r_special = sum(min(n, c) for c in combo)
-            r_plain = np.arange(0, rest + 1)
+            if self.inst.mode is Mode.KEEP:
+                r_plain = np.array([0])
+            elif self.inst.mode is Mode.UNIFORM:
+                r_plain = np.array([rest])
+            else:
+                r_plain = np.arange(0, rest + 1)
             part = canonical_block(rest, r_plain, m, plain_cap, n)
             if part is None:
                 continue
@@ -252,7 +301,10 @@ def canonical_block(total: int, recs: np.ndarray, m: int, cap: int, n: int) -> n
     w = cap - n
     ell = -(-normal // w)
     short = recs - n * ell
-    full_short, x = short // n, short % n
+    if n == 0:  # nothing recomputed: only kept layers, filled from the back
+        full_short, x = np.zeros_like(short), np.zeros_like(short)
+    else:
+        full_short, x = short // n, short % n
     last_long = n + normal - (ell - 1) * w
     out = np.where(j < ell - 1, cap, 0)
     out = np.where(j == ell - 1, last_long, out)
@@ -263,32 +315,43 @@ def canonical_block(total: int, recs: np.ndarray, m: int, cap: int, n: int) -> n
 
 
 class Ranks:
-    """The master over ranks for one placement of the MTP layers."""
+    """The master over ranks for one placement of the MTP layers. A rank's side depends
+    on the placement only through its role (before, holding or after the MTP stage), so
+    sides are shared through ``sides``.
 
-    def __init__(self, inst: Instance, mtp_stage: int | None, z_limit: float):
+    With a dense prefix of D layers, the state also counts the layers the first chunks of
+    the ranks so far hold (up to D): while it is below D, the next rank's first chunk comes
+    next in stage order and either holds only d dense layers (*closed*, the count grows by
+    d) or opens with the D - c dense layers left and goes on with MoE layers (*open*, the
+    count reaches D). Every layout whose dense layers lie in first chunks is one path."""
+
+    def __init__(self, inst: Instance, mtp_stage: int | None, sides: SideCache):
         self.inst = inst
-        (unit,) = inst.units.values() if inst.homogeneous else (_lightest(inst),)
         L = inst.num_layers
         self.L = L
-        # Layers a rank can hold at all under the Z limit, then what the others leave over.
-        his = []
-        for r in range(inst.pp):
-            probe = RankSide(inst, r, mtp_stage, unit, range(0))
-            floor = probe.p(np.arange(L + 1), _least_rec(inst, np.arange(L + 1)))
-            ok = np.nonzero(floor <= z_limit * (1 + EPS))[0]
-            his.append(int(ok.max()) if len(ok) else -1)
-        self.feasible = min(his) >= 0 and sum(his) >= L
-        self.sides = []
-        for r in range(inst.pp):
-            lo = max(0, L - (sum(his) - his[r]))
-            self.sides.append(RankSide(inst, r, mtp_stage, unit, range(lo, his[r] + 1)))
         self.mtp_stage = mtp_stage
-        self.exact = inst.homogeneous and (inst.mode is not Mode.UNIFORM or inst.count == 1) and all(
-            s.exact_points for s in self.sides
-        )
+        self.D = sides.dense
+        roles = [sides.role(r, mtp_stage) for r in range(inst.pp)]
+        kinds = sides.variants()
+        his = [max(sides.most(r, role, v) for v in kinds) for r, role in enumerate(roles)]
+        self.feasible = min(his) >= 0 and sum(his) >= L
+        self.sides: list[dict] = []
+        self._tables: list[dict] = []
+        if self.feasible:
+            for r, role in enumerate(roles):
+                usable = [v for v in kinds if sides.most(r, role, v) >= v[0]]
+                self.sides.append({v: sides.side(r, role, v) for v in usable})
+                self._tables.append({v: sides.table(r, role, v, self) for v in usable})
+        self.exact = sides.exact and all(s.exact_points for by in self.sides for s in by.values())
         idx = np.arange(L + 1)
         self.shift = idx[:, None] - idx[None, :]  # [total, t] -> total - t
-        self._tables = [self._table(s) for s in self.sides] if self.feasible else []
+
+    def moves(self, c: int) -> list[tuple[tuple[int, bool], int]]:
+        """(side variant (lead, closed), next count) from count c."""
+        D = self.D
+        if c >= D:
+            return [((0, False), D)]
+        return [((d, True), c + d) for d in range(D - c)] + [((D - c, False), D)]
 
     def _table(self, side: RankSide) -> dict:
         """Per T: the options the master may pick from (arrays over T, or per-T R arrays)."""
@@ -326,14 +389,16 @@ class Ranks:
 
     def candidates(self) -> tuple[np.ndarray, np.ndarray]:
         zs, ws = [], []
-        for side, tab in zip(self.sides, self._tables):
-            if side.linear:
-                zs.append(tab["p"][tab["ok"]])
-                ws.append(tab["w"][tab["ok"]])
-            else:
-                for opt in tab["per_t"].values():
-                    zs.append(opt["p"][opt["feasible"]])
-                    ws.append(opt["w"][opt["feasible"]])
+        for by_side, by_table in zip(self.sides, self._tables):
+            for lead, side in by_side.items():
+                tab = by_table[lead]
+                if side.linear:
+                    zs.append(tab["p"][tab["ok"]])
+                    ws.append(tab["w"][tab["ok"]])
+                else:
+                    for opt in tab["per_t"].values():
+                        zs.append(opt["p"][opt["feasible"]])
+                        ws.append(opt["w"][opt["feasible"]])
         if not zs:
             return np.array([]), np.array([])
         return np.unique(np.concatenate(zs)), np.unique(np.concatenate(ws))
@@ -372,40 +437,64 @@ class Ranks:
         return vals, how
 
     def dp(self, z: float, w: float, what: str) -> Pick | None:
+        """F[total, c]: best over the ranks so far holding ``total`` layers, ``c`` of them
+        in first chunks (capped at D; always 0 without a dense prefix)."""
         if not self.feasible:
             return None
-        L, inf = self.L, math.inf
+        L, D, inf = self.L, self.D, math.inf
         combine = np.add if what == "sum" else np.maximum
-        F = np.full(L + 1, inf)
-        F[0] = 0.0 if what == "sum" else -inf
-        backs, hows = [], []
+        F = np.full((L + 1, D + 1), inf)
+        F[0, 0] = 0.0 if what == "sum" else -inf
         valid = self.shift >= 0
         shift = np.where(valid, self.shift, 0)
-        for side, tab in zip(self.sides, self._tables):
-            vals, how = self._rank_values(side, tab, z, w, what)
-            cand = np.where(valid, combine(F[shift], vals[None, :]), inf)
-            arg = np.argmin(cand, axis=1)
-            F = cand[np.arange(L + 1), arg]
-            backs.append(arg)
-            hows.append(how)
-        if not math.isfinite(F[L]):
+        rows = np.arange(L + 1)
+        backs, hows = [], []
+        for by_side, by_table in zip(self.sides, self._tables):
+            values = {v: self._rank_values(side, by_table[v], z, w, what) for v, side in by_side.items()}
+            best = np.full((L + 1, D + 1), inf)
+            back_t = np.zeros((L + 1, D + 1), dtype=int)
+            back_c = np.zeros((L + 1, D + 1), dtype=int)
+            back_v = np.zeros((L + 1, D + 1), dtype=int)
+            variants = list(values)
+            for c in range(D + 1):
+                if not (F[:, c] < inf).any():
+                    continue
+                for variant, nxt in self.moves(c):
+                    if variant not in values:
+                        continue
+                    vals = values[variant][0]
+                    cand = np.where(valid, combine(F[shift, c], vals[None, :]), inf)
+                    t_best = np.argmin(cand, axis=1)
+                    value = cand[rows, t_best]
+                    better = value < best[:, nxt]
+                    best[:, nxt] = np.where(better, value, best[:, nxt])
+                    back_t[:, nxt] = np.where(better, t_best, back_t[:, nxt])
+                    back_c[:, nxt] = np.where(better, c, back_c[:, nxt])
+                    back_v[:, nxt] = np.where(better, variants.index(variant), back_v[:, nxt])
+            F = best
+            backs.append((back_t, back_c, back_v, variants))
+            hows.append({v: h for v, (_, h) in values.items()})
+        if not math.isfinite(F[L, D]):
             return None
-        choice, total = [], L
+        choice, total, c = [], L, D
         for r in range(self.inst.pp - 1, -1, -1):
-            T = int(backs[r][total])
-            choice.append((T, hows[r][T]))
-            total -= T
+            back_t, back_c, back_v, variants = backs[r]
+            variant = variants[int(back_v[total, c])]
+            T, previous = int(back_t[total, c]), int(back_c[total, c])
+            choice.append((T, variant, hows[r][variant][T]))
+            total, c = total - T, previous
         choice.reverse()
-        return self._pick(float(F[L]), choice)
+        return self._pick(float(F[L, D]), choice)
 
     def _pick(self, value: float, choice) -> Pick:
         ps, cs, ws, counts = [], [], [], []
-        for side, (T, (level, R)) in zip(self.sides, choice):
+        for by_side, (T, variant, (level, R)) in zip(self.sides, choice):
+            side = by_side[variant]
             ps.append(float(side.p(T, R)))
             ws.append(float(side.tail(T, R)))
             split = self.split(side, T, level, R)
             counts.append(split)
-            cs.append(float(np.max(side.empty_time + side.chunk_work[np.array(split)])))
+            cs.append(max(f + w[t] for f, w, t in zip(side.empty_time, side.work_of, split)))
         return Pick(value, max(ps), sum(cs), max(ws), (counts, self.mtp_stage))
 
     def split(self, side: RankSide, T: int, level: int, R: int) -> tuple[int, ...]:
@@ -416,6 +505,84 @@ class Ranks:
             level = side.top_level(T)
         _, splits = side.block_options(T, level)
         return splits[R]
+
+
+class SideCache:
+    """Rank sides and their tables for every role a rank can play (and, with a dense
+    prefix, every way its first chunk can take dense layers), built once per strategy: the
+    layers a rank may hold come from the Z limit and the other ranks' best variants."""
+
+    def __init__(self, inst: Instance, z_limit: float, *, unit: Unit | None = None, lead_unit: Unit | None = None,
+                 dense: int = 0, exact: bool | None = None):
+        self.inst = inst
+        self.unit = unit or (next(iter(inst.units.values())) if inst.homogeneous else _lightest(inst))
+        self.lead_unit = lead_unit
+        self.dense = dense
+        if exact is None:
+            exact = inst.homogeneous
+        self.exact = exact and (inst.mode is not Mode.UNIFORM or inst.count == 1)
+        self.roles = ("before", "holds", "after") if inst.mtp_layers else ("before",)
+        L = inst.num_layers
+        T = np.arange(L + 1)
+        self._most = {}
+        for r in range(inst.pp):
+            for role in self.roles:
+                for variant in self.variants():
+                    probe = RankSide(inst, r, self._stage(r, role), self.unit, range(0), **self._extra(variant))
+                    floor = np.where(T >= variant[0], probe.p(T, _least_rec(inst, T)), math.inf)
+                    ok = np.nonzero(floor <= z_limit * (1 + EPS))[0]
+                    self._most[r, role, variant] = int(ok.max()) if len(ok) else -1
+        best = [max(self._most[r, role, v] for role in self.roles for v in self.variants()) for r in range(inst.pp)]
+        self._least = [max(0, L - (sum(best) - best[r])) for r in range(inst.pp)]
+        self._sides, self._tables = {}, {}
+
+    def variants(self) -> list[tuple[int, bool]]:
+        """(lead, closed) ways a rank's first chunk takes dense layers: (0, False) alone
+        without a dense prefix."""
+        D = self.dense
+        if not D:
+            return [(0, False)]
+        return [(d, True) for d in range(D)] + [(d, False) for d in range(D + 1)]
+
+    def _extra(self, variant: tuple[int, bool]) -> dict:
+        lead, closed = variant
+        if not lead and not closed:
+            return {}
+        return dict(lead=lead, lead_unit=self.lead_unit, closed=closed)
+
+    def _stage(self, r: int, role: str) -> int | None:
+        """An MTP stage that gives rank r this role."""
+        if not self.inst.mtp_layers:
+            return None
+        last = (self.inst.vpp - 1) * self.inst.pp
+        if role == "holds":
+            return last + r
+        if role == "after":
+            return last + r - 1 if r > 0 else None
+        return last + r + 1 if r + 1 < self.inst.pp else None
+
+    def role(self, r: int, mtp_stage: int | None) -> str:
+        if mtp_stage is None:
+            return "before"
+        holder = mtp_stage % self.inst.pp
+        return "holds" if r == holder else ("after" if r > holder else "before")
+
+    def most(self, r: int, role: str, variant: tuple[int, bool] = (0, False)) -> int:
+        return self._most[r, role, variant]
+
+    def side(self, r: int, role: str, variant: tuple[int, bool] = (0, False)) -> RankSide:
+        side = self._sides.get((r, role, variant))
+        if side is None:
+            t_range = range(max(self._least[r], variant[0]), self._most[r, role, variant] + 1)
+            side = self._sides[r, role, variant] = RankSide(self.inst, r, self._stage(r, role), self.unit, t_range,
+                                                            **self._extra(variant))
+        return side
+
+    def table(self, r: int, role: str, variant: tuple[int, bool], master: Ranks) -> dict:
+        table = self._tables.get((r, role, variant))
+        if table is None:
+            table = self._tables[r, role, variant] = master._table(self.side(r, role, variant))
+        return table
 
 
 def _least_rec(inst: Instance, T: np.ndarray) -> np.ndarray:
@@ -438,26 +605,81 @@ class RanksResult:
     outcome: Outcome
     exact: bool
     counts: list[int] | None
+    """The layout found, per stage (real when ``exact``; else a relaxation's)."""
     mtp_stage: int | None
+    bound: float = math.inf
+    """Lower bound of the objective (constants excluded); the optimum when ``exact``."""
+    open_first_chunks: int | None = None
+    """When set, the layout is optimal among all but the layouts whose first chunks hold
+    at most this many layers, which remain to be decided."""
 
 
 def solve_ranks(inst: Instance, cutoff: float = math.inf) -> RanksResult:
-    """Optimum (or, when ``exact`` is False, a lower bound) for vpp > 1; ``cutoff``
-    excludes the constant terms."""
+    """Optimum (or, when ``exact`` is False, a lower bound and a layout) for vpp > 1;
+    ``cutoff`` excludes the constant terms.
+
+    Identical layers are exact. For a model whose first D layers are of one kind and the
+    rest of another (dense layers before MoE ones), the master follows the dense layers in
+    stage order through the first chunks (:class:`Ranks`), which is exact for every layout
+    whose dense layers lie in first chunks; the others (first chunks holding fewer than D
+    layers in all) are bounded by their bubble (:func:`bounds.spilled_bound`). Other mixed
+    models are relaxed (every layer at its lightest): a lower bound."""
     assert inst.vpp > 1
+    prefix = _dense_prefix(inst)
+    if inst.homogeneous or prefix is None:
+        return _solve(inst, cutoff, SideCache(inst, _z_limit(inst, cutoff)))
+    from uniap_megatron.solver.bounds import spilled_bound
+
+    dense, lead_unit, unit = prefix
+    result = _solve(inst, cutoff, SideCache(inst, _z_limit(inst, cutoff), unit=unit, lead_unit=lead_unit,
+                                            dense=dense, exact=True))
+    spilled = spilled_bound(inst.costs, inst.model, inst.capacity, dense) - inst.constant
+    best = result.outcome.best
+    open_region = dense - 1 if result.exact else None
+    if best is None:
+        if spilled >= cutoff * (1 - 1e-12):
+            return result  # nothing beats the cutoff either way
+        return dataclasses.replace(result, exact=False, bound=spilled, open_first_chunks=open_region)
+    value = best.objective(inst.bubble_weight)
+    if result.exact and spilled >= value * (1 - 1e-12):
+        return result
+    return dataclasses.replace(result, exact=False, bound=min(value, spilled), open_first_chunks=open_region)
+
+
+def _z_limit(inst: Instance, cutoff: float) -> float:
+    return cutoff / inst.bubble_weight if math.isfinite(cutoff) else math.inf
+
+
+def _dense_prefix(inst: Instance) -> tuple[int, Unit, Unit] | None:
+    """(D, the first kind, the other kind) when the decoder layers are D of one kind then
+    all of another, with one checkpoint size."""
+    kinds = inst.kinds
+    first, last = kinds[0], kinds[-1]
+    lead = next(i for i, k in enumerate(kinds) if k is not first) if first is not last else 0
+    if not lead or any(k is not last for k in kinds[lead:]):
+        return None
+    a, b = inst.units[first], inst.units[last]
+    if a.ckpt != b.ckpt:
+        return None
+    return lead, a, b
+
+
+def _solve(inst: Instance, cutoff: float, sides: SideCache) -> RanksResult:
     a = inst.bubble_weight
-    z_limit = cutoff / a if math.isfinite(cutoff) else math.inf
+    z_limit = _z_limit(inst, cutoff)
     best, fits, calls, exact = None, False, 0, True
     best_value = cutoff
     for j in inst.mtp_stages():
-        master = Ranks(inst, j, z_limit)
+        master = Ranks(inst, j, sides)
         exact &= master.exact
+        if not master.feasible:
+            continue
         zs, ws = master.candidates()
-        if not master.feasible or not len(zs):
+        if not len(zs):
             continue
         out = level_search(master.dp, a, zs, ws, best_value)
         calls += out.calls
-        fits |= out.fits
+        fits |= bool(out.fits)
         if out.best is not None and out.best.objective(a) < best_value:
             best, best_value = out.best, out.best.objective(a)
     if not fits and math.isfinite(z_limit):
@@ -467,4 +689,5 @@ def solve_ranks(inst: Instance, cutoff: float = math.inf) -> RanksResult:
         per_rank, mtp = best.plan
         pp, v = inst.pp, inst.vpp
         counts = [per_rank[i % pp][i // pp] for i in range(pp * v)]
-    return RanksResult(Outcome(best, fits, calls), exact, counts, mtp)
+    bound = best.objective(a) if best is not None else math.inf
+    return RanksResult(Outcome(best, fits, calls), exact, counts, mtp, bound)

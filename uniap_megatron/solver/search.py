@@ -29,24 +29,29 @@ from uniap_megatron.cost.step import Estimate, evaluate
 from uniap_megatron.errors import InfeasibleError
 from uniap_megatron.solver.bounds import (
     Layers,
+    LayerTimes,
+    cheapest_statics,
     Recomputation,
     item_statics,
     key_bound,
     loosest,
     peak_floor,
     recomputation,
+    static_fits,
     recomputation_of,
+    shapes_bound,
     strategy_bound,
     variants_bound,
 )
 from uniap_megatron.solver.layouts import LayoutResult, best_layout
+from uniap_megatron.solver.mixed import decoder_kinds
 from uniap_megatron.solver.options import SolverOptions
 from uniap_megatron.space.candidates import (
     Family,
     Pins,
     check_pins,
     explain_empty,
-    family_size,
+    family_sizes,
     family_strategies,
     recompute_options,
     strategy_families,
@@ -139,6 +144,7 @@ class _Node:
     members: tuple[Strategy, ...] = field(compare=False, default=())
     costs: StepCosts | None = field(compare=False, default=None)
     size: int = field(compare=False, default=0)
+    refined: bool = field(compare=False, default=False)
 
 
 class _Search:
@@ -148,7 +154,8 @@ class _Search:
         self.item_cache: dict = {}
         self.probes: dict = {}
         self.statics: dict = {}
-        self.layers: dict = {}
+        self.layer_times: dict = {}
+        self.layer_statics: dict = {}
         self.loose: dict = {}
         self.members: dict[Family, list[Strategy]] = {}
         self.heap: list[_Node] = []
@@ -183,11 +190,14 @@ class _Search:
         return distinct[self.options.top_k - 1].estimate.step_time_s
 
     # --------------------------------------------------------------- opening
-    def open_family(self, f: Family) -> None:
-        """Push the keys of a family with their bounds (no item costs built yet)."""
-        for sp in f.sps:
-            for rec in f.recomputes:
-                size = family_size(self.model, self.train, self.pins, f, sp=sp, recompute=rec)
+    def open_family(self, f: Family, sizes: dict) -> None:
+        """Push the keys of a family with their bounds (no item costs built yet), unless
+        the weights and optimizer state alone cannot fit."""
+        if not static_fits(self.model, self.family_statics(f), f.pp, self.capacity):
+            self.stats["memory"] += sum(sizes.values())
+            self.stats["bounds"] += 1
+            return
+        for (sp, rec), size in sizes.items():
                 if not size:
                     continue
                 bound = self.key_bound(f, sp, rec)
@@ -203,18 +213,26 @@ class _Search:
                 tp=f.tp, pp=f.pp, cp=f.cp, ep=f.ep, dp=f.dp, sp=sp, mbs=f.mbs,
                 recompute=Recompute.SELECTIVE if selective else Recompute.NONE))
         skey = (f.tp, f.cp, f.pp, f.dp, f.ep)
-        statics = self.statics.get(skey)
-        if statics is None:
-            shape = Strategy(tp=f.tp, pp=f.pp, cp=f.cp, ep=f.ep, dp=f.dp)
-            statics = self.statics[skey] = item_statics(self.model, shape, self.train.precision)
-        lkey = (pkey, skey)
-        layers = self.layers.get(lkey)
-        if layers is None:
-            layers = self.layers[lkey] = Layers.of(probe, self.model, statics)
+        statics = self.family_statics(f)
+        times = self.layer_times.get(pkey)
+        if times is None:
+            times = self.layer_times[pkey] = LayerTimes.of(probe, decoder_kinds(self.model))
+        static = self.layer_statics.get(skey)
+        if static is None:
+            static = self.layer_statics[skey] = cheapest_statics(self.model, statics)
+        layers = Layers.combine(times, static)
         microbatches = self.train.global_batch_size // (f.mbs * f.dp)
         return key_bound(probe, layers, self.model, self.capacity, pp=f.pp, microbatches=microbatches,
                          vpps=f.vpps, statics=statics, rec=self._variants(f, rec),
                          overhead_s=self.cluster.step_overhead_s)
+
+    def family_statics(self, f: Family) -> dict:
+        skey = (f.tp, f.cp, f.pp, f.dp, f.ep)
+        statics = self.statics.get(skey)
+        if statics is None:
+            shape = Strategy(tp=f.tp, pp=f.pp, cp=f.cp, ep=f.ep, dp=f.dp)
+            statics = self.statics[skey] = item_statics(self.model, shape, self.train.precision)
+        return statics
 
     def _variants(self, f: Family, rec: Recompute) -> Recomputation:
         """One recomputation as favourable as every variant of a key, over its vpps."""
@@ -227,6 +245,15 @@ class _Search:
                 recs.update(recomputation_of(r, m, n, vpp) for r, m, n in recompute_options(self.pins, most) if r is rec)
             loose = self.loose[key] = loosest(sorted(recs, key=lambda x: (x.kind, x.lo, x.hi_per_rank, x.ckpt_divisor)))
         return loose
+
+    def refine_key(self, node: _Node) -> None:
+        """A key's first bound reads shared item times only; before its shapes are built,
+        bound it again with its own costs (communication, layer kinds, MTP placement)."""
+        f = node.family
+        members = [s for s in self.family_members(f) if s.sp == node.sp and s.recompute is node.recompute]
+        costs = self.costs(members[0])
+        bound = shapes_bound(costs, self.model, self.capacity, f.vpps, self._variants(f, node.recompute))
+        self.push(dataclasses.replace(node, bound=max(node.bound, bound), refined=True))
 
     def open_key(self, node: _Node) -> None:
         f = node.family
@@ -312,7 +339,9 @@ class _Search:
             if node.kind == "strategy" and self.found and self.stats["solved"] >= self.options.max_programs:
                 return node.bound, False
             heapq.heappop(self.heap)
-            if node.kind == "key":
+            if node.kind == "key" and not node.refined:
+                self.refine_key(node)
+            elif node.kind == "key":
                 self.open_key(node)
             elif node.kind == "shape":
                 self.open_shape(node)
@@ -345,10 +374,10 @@ def search(
     families = list(strategy_families(model, cluster, train, pins))
     enumerated = 0
     for f in families:
-        size = family_size(model, train, pins, f)
-        if size:
-            enumerated += size
-            state.open_family(f)
+        sizes = family_sizes(model, train, pins, f)
+        if any(sizes.values()):
+            enumerated += sum(sizes.values())
+            state.open_family(f, sizes)
     if not enumerated:
         raise explain_empty(model, cluster, train, pins)
     open_bound, complete = state.run(progress)

@@ -330,20 +330,26 @@ def family_size(
     sp: bool | None = None, recompute: Recompute | None = None,
 ) -> int:
     """How many strategies :func:`family_strategies` yields (those with ``sp`` and
-    ``recompute`` when given), without building them all: validity splits into the
-    pipeline shape (vpp, sp) and the recompute choice."""
-    f, count = family, 0
+    ``recompute`` when given), without building them all."""
+    return sum(n for (with_sp, rec), n in family_sizes(model, train, pins, family).items()
+               if (sp is None or with_sp == sp) and (recompute is None or rec is recompute))
+
+
+def family_sizes(model: ModelSpec, train: TrainSpec, pins: Pins, family: Family) -> dict[tuple[bool, Recompute], int]:
+    """Members of a family per (sp, recompute granularity). Validity splits into the
+    pipeline shape (vpp, sp) and the recompute choice, so nothing is built per member."""
+    f = family
     distopts = len(_options(pins.distributed_optimizer, [True]))
+    out = {(sp, rec): 0 for sp in f.sps for rec in f.recomputes}
     for vpp in f.vpps:
         max_stage_layers = -(-model.num_layers // (f.pp * vpp))
-        recomputes = _valid_recomputes(pins, max_stage_layers, recompute)
-        for with_sp in f.sps:
-            if sp is not None and with_sp != sp:
+        for sp in f.sps:
+            shape = Strategy(tp=f.tp, pp=f.pp, vpp=vpp, cp=f.cp, ep=f.ep, dp=f.dp, sp=sp, mbs=f.mbs)
+            if not _shape_valid(train, shape):
                 continue
-            shape = Strategy(tp=f.tp, pp=f.pp, vpp=vpp, cp=f.cp, ep=f.ep, dp=f.dp, sp=with_sp, mbs=f.mbs)
-            if _shape_valid(train, shape):
-                count += recomputes * distopts
-    return count
+            for rec in f.recomputes:
+                out[sp, rec] += _valid_recomputes(pins, max_stage_layers, rec) * distopts
+    return out
 
 
 def explain_empty(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, pins: Pins) -> InfeasibleError:

@@ -1,0 +1,160 @@
+"""Floors for models whose decoder layers come in two kinds, or that carry MTP layers.
+
+The plain floor (:func:`bounds.slowest_rank_floor`) lets every rank take the cheapest
+layers of the model, so with three light dense layers among sixty MoE ones each of sixteen
+ranks may count three light layers, and it leaves the MTP layers (a whole MoE layer and a
+loss) out of every rank. Here a rank's figures are those of its exact composition: ``d``
+layers of the minority kind, ``T - d`` of the other, and the MTP layers or not. The ranks
+share the ``D`` minority layers and exactly one of them holds the MTP layers, which a small
+dynamic program over ranks enforces for every candidate value of Z at once.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+from uniap_megatron.cost.items import ItemCost, StepCosts
+from uniap_megatron.spec.model import LayerKind, ModelSpec
+
+FIT = 1 + 1e-9
+NONE = -(10**9)
+
+
+@lru_cache(maxsize=64)
+def decoder_kinds(model: ModelSpec) -> tuple[LayerKind, ...]:
+    """``model.decoder_kinds``, computed once per model (the bounds ask for it often)."""
+    return model.decoder_kinds
+
+
+def kinds_of(model: ModelSpec) -> tuple[LayerKind, LayerKind | None, int]:
+    """(majority kind, minority kind or None, minority count)."""
+    kinds = decoder_kinds(model)
+    counts = {k: kinds.count(k) for k in set(kinds)}
+    if len(counts) == 1:
+        return next(iter(counts)), None, 0
+    major, minor = sorted(counts, key=lambda k: (-counts[k], k.value))
+    return major, minor, counts[minor]
+
+
+def composition_rows(costs: StepCosts, model: ModelSpec, capacity: float, *, fixed_time, fixed_static, fixed_act,
+                     kappa, rec, transient: float) -> np.ndarray:
+    """Least time of rank r holding T layers, d of the minority kind, with (m = 1) or
+    without (m = 0) the MTP layers: [m, r, T, d]; inf where nothing fits."""
+    L = model.num_layers
+    major, minor, D = kinds_of(model)
+    a_item = costs.items[major]
+    b_item = costs.items[minor] if minor is not None else a_item
+    mtp = costs.items.get(LayerKind.MTP)
+    K = model.mtp_layers
+    T = np.arange(L + 1)[:, None]
+    d = np.arange(D + 1)[None, :]
+    valid = (d <= T) & (T - d <= L - D)
+
+    def mix(attr) -> np.ndarray:
+        return d * attr(b_item) + (T - d) * attr(a_item)
+
+    rows = []
+    for m in ((0, 1) if K else (0,)):
+        extra = (lambda attr: K * attr(mtp)) if m else (lambda attr: 0.0)
+        time = fixed_time[:, None, None] + mix(_time)[None] + extra(_time)
+        static = fixed_static[:, None, None] + mix(_static)[None] + extra(_static) + transient
+        act_fixed = fixed_act[:, None, None] + extra(_act)
+        k = kappa[:, None, None]
+        limit = capacity * FIT
+        if rec.kind == "keep":
+            fits = static + k * (act_fixed + mix(_act)[None]) <= limit
+            row = np.where(fits, time, math.inf)
+        elif rec.kind == "all":
+            ckpt = min(a_item.ckpt_bytes, b_item.ckpt_bytes) / rec.ckpt_divisor
+            fits = static + k * (act_fixed + ckpt * T[None]) <= limit
+            row = np.where(fits, time + mix(_rec)[None], math.inf)
+        else:
+            # R recomputed layers each save at most the largest activation minus a checkpoint.
+            ckpt = min(a_item.ckpt_bytes, b_item.ckpt_bytes) / rec.ckpt_divisor
+            room = limit - static - k * (act_fixed + mix(_act)[None])
+            saving = k * (max(a_item.act_bytes, b_item.act_bytes) - ckpt)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                need = np.where(room >= 0, 0, np.where(saving > 0, np.ceil(-room / saving - 1e-9), math.inf))
+            lo = np.minimum(rec.lo, T)[None]
+            hi = np.minimum(T, rec.hi_per_rank)[None]
+            r = np.maximum(lo, need)
+            row = np.where(r <= hi, time + min(a_item.recompute_s, b_item.recompute_s) * r, math.inf)
+        rows.append(np.where(valid[None], row, math.inf))
+    return np.stack(rows)
+
+
+def tail_rows(model: ModelSpec, terms, fixed_net, fixed_opt, bucket: float) -> np.ndarray:
+    """Least tail of rank r holding T layers, d of the minority kind, with or without the
+    MTP layers: ``bucket + optimizer + max(0, comm - window)``, [m, r, T, d]. ``terms(kind)``
+    gives one item's (comm - window, optimizer)."""
+    L = model.num_layers
+    major, minor, D = kinds_of(model)
+    a_net, a_opt = terms(major)
+    b_net, b_opt = terms(minor) if minor is not None else (a_net, a_opt)
+    K = model.mtp_layers
+    T = np.arange(L + 1)[:, None]
+    d = np.arange(D + 1)[None, :]
+    valid = (d <= T) & (T - d <= L - D)
+    rows = []
+    for m in ((0, 1) if K else (0,)):
+        m_net, m_opt = (K * x for x in terms(LayerKind.MTP)) if m else (0.0, 0.0)
+        net = fixed_net[:, None, None] + (d * b_net + (T - d) * a_net)[None] + m_net
+        opt = fixed_opt[:, None, None] + (d * b_opt + (T - d) * a_opt)[None] + m_opt
+        rows.append(np.where(valid[None], bucket + opt + np.maximum(0.0, net), math.inf))
+    return np.stack(rows)
+
+
+def composition_floor(rows: np.ndarray, model: ModelSpec, chunk: int = 64) -> float:
+    """Least Z at which the ranks hold all L layers, all D minority layers and, when the
+    model has MTP layers, exactly one of them holds those; inf when none does.
+
+    Candidates are the values in ``rows`` from a relaxed floor up (any composition per
+    rank), tried ``chunk`` at a time: the answer is usually in the first few."""
+    from uniap_megatron.solver.bounds import slowest_rank_floor
+
+    L = model.num_layers
+    _, _, D = kinds_of(model)
+    M = rows.shape[0]
+    relaxed = slowest_rank_floor(rows.min(axis=(0, 3)), L)
+    if not math.isfinite(relaxed):
+        return math.inf
+    zs = np.unique(rows[np.isfinite(rows) & (rows >= relaxed)])
+    # Rank r holds T layers with d minority ones once Z >= the least value at T or beyond.
+    lowest_after = np.minimum.accumulate(rows[..., ::-1, :], axis=-2)[..., ::-1, :]
+    d_index = np.arange(D + 1)
+    for start in range(0, len(zs), chunk):
+        z = zs[start : start + chunk]
+        count = (lowest_after[..., None] <= z).sum(axis=2) - 1  # [m, r, d, z]
+        most = np.where(count >= d_index[None, None, :, None], count, NONE)
+        best = np.full((M, D + 1, len(z)), NONE, dtype=np.int64)
+        best[0, 0] = 0
+        for r in range(rows.shape[1]):
+            new = np.full_like(best, NONE)
+            for m1 in range(M):
+                for d1 in range(D + 1):
+                    add = best[: M - m1, : D + 1 - d1] + most[m1, r, d1][None, None, :]
+                    np.maximum(new[m1:, d1:], add, out=new[m1:, d1:])
+            best = np.maximum(new, NONE)
+        hit = np.nonzero(best[M - 1, D] >= L)[0]
+        if len(hit):
+            return float(z[hit[0]])
+    return math.inf
+
+
+def _time(c: ItemCost) -> float:
+    return c.time_s
+
+
+def _static(c: ItemCost) -> float:
+    return c.static_bytes
+
+
+def _act(c: ItemCost) -> float:
+    return c.act_bytes
+
+
+def _rec(c: ItemCost) -> float:
+    return c.recompute_s
