@@ -19,6 +19,8 @@ import dataclasses
 import heapq
 import itertools
 import math
+import multiprocessing
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,6 +119,9 @@ class SearchOptions:
     left. A count rather than seconds, so that every run (and every rank) returns the same
     plan."""
     implementation: Implementation = Implementation.TE
+    workers: int = 2
+    """Processes that bound the keys of a large space (forked; the result is the same with
+    any number)."""
     cost_source: CostSource | None = None
     """Measured figures (a profile) that replace the analytical ones where present."""
 
@@ -159,6 +164,8 @@ class _Search:
         self.loose: dict = {}
         self.members: dict[Family, list[Strategy]] = {}
         self.heap: list[_Node] = []
+        self.log: list[_Node] | None = None
+        """Nodes in the order they were pushed, when a worker must report them."""
         self.found: list[Solution] = []
         self.counter = itertools.count()
         self.stats = dict(memory=0, bound=0, solved=0, infeasible=0, unsolved=0, mips=0, bounds=0)
@@ -182,6 +189,8 @@ class _Search:
             self.stats["memory"] += node.size
             return
         heapq.heappush(self.heap, node)
+        if self.log is not None:
+            self.log.append(node)
 
     def cutoff(self) -> float:
         distinct = _distinct(self.found)
@@ -372,12 +381,9 @@ def search(
     check_pins(model, cluster, train, pins)
     state = _Search(model, cluster, train, pins, options)
     families = list(strategy_families(model, cluster, train, pins))
-    enumerated = 0
-    for f in families:
-        sizes = family_sizes(model, train, pins, f)
-        if any(sizes.values()):
-            enumerated += sum(sizes.values())
-            state.open_family(f, sizes)
+    sized = [(f, sizes) for f in families if any((sizes := family_sizes(model, train, pins, f)).values())]
+    enumerated = sum(sum(sizes.values()) for _, sizes in sized)
+    _open_families(state, sized, options.workers)
     if not enumerated:
         raise explain_empty(model, cluster, train, pins)
     open_bound, complete = state.run(progress)
@@ -408,6 +414,49 @@ def search(
         statuses=tuple(sorted(state.statuses)),
     )
     return SearchResult(best=found[0], alternatives=tuple(found[1 : options.top_k]), stats=stats)
+
+
+PARALLEL_FAMILIES = 2000
+_FORKED: tuple | None = None
+
+
+def _open_families(state: _Search, sized: list[tuple[Family, dict]], workers: int) -> None:
+    """Bound every key of every family. A large space is split over forked workers by
+    groups of families that share item costs (tp, cp, ep, mbs); their nodes come back and
+    are pushed in family order, exactly as one process would have pushed them."""
+    global _FORKED
+    groups = sorted({(f.tp, f.cp, f.ep, f.mbs) for f, _ in sized})
+    share = {g: i % max(1, workers) for i, g in enumerate(groups)}
+    forkable = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+    if workers < 2 or len(sized) < PARALLEL_FAMILIES or not forkable:
+        for f, sizes in sized:
+            state.open_family(f, sizes)
+        return
+    _FORKED = (state, sized, share)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_bound_share, range(workers))
+    finally:
+        _FORKED = None
+    nodes = sorted((n for part, _ in parts for n in part), key=lambda item: item[0])
+    for _, node in nodes:
+        heapq.heappush(state.heap, node)
+    for _, stats in parts:
+        state.stats["memory"] += stats["memory"]
+        state.stats["bounds"] += stats["bounds"]
+
+
+def _bound_share(worker: int):
+    """In a forked worker: bound the keys of this worker's families."""
+    state, sized, share = _FORKED
+    state.log = []
+    nodes = []
+    for i, (f, sizes) in enumerate(sized):
+        if share[(f.tp, f.cp, f.ep, f.mbs)] == worker:
+            state.open_family(f, sizes)
+            nodes.extend((i, n) for n in state.log)
+            state.log.clear()
+    return nodes, {"memory": state.stats["memory"], "bounds": state.stats["bounds"]}
 
 
 def _distinct(found: list[Solution]) -> list[Solution]:
