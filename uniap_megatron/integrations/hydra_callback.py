@@ -90,14 +90,14 @@ def finish_job(injection, hydra_cfg: DictConfig, task_cfg: DictConfig | None = N
     out = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.output_subdir is not None:
         out = out / str(hydra_cfg.output_subdir)
+    from uniap_megatron.cli import _write_atomic
+
     plan_path = None
     if injection.settings.plan_file:
-        from uniap_megatron.cli import _write_atomic
-
         plan_path = out / injection.settings.plan_file
         _write_atomic(plan_path, injection.plan.to_json(with_timing=False))
-        if task_cfg is not None and hydra_cfg.output_subdir is not None:
-            _write_atomic(out / "config.yaml", OmegaConf.to_yaml(task_cfg))
+    if task_cfg is not None and hydra_cfg.output_subdir is not None:
+        _write_atomic(out / "config.yaml", OmegaConf.to_yaml(task_cfg))
     log.info("%s", summary_text(injection, plan_path))
 
 
