@@ -127,3 +127,21 @@ def test_scatter_gather_splits_pipeline_messages_over_tp():
     split = step_costs(req.model, req.cluster, req.train, s, p2p_scatter_gather=True).p2p_s
     with_sp = step_costs(req.model, req.cluster, req.train, s.replace(sp=True)).p2p_s
     assert split == pytest.approx(with_sp) and split < full / 4
+
+
+@pytest.mark.parametrize("model", ["llama3_8b", "mixtral_8x7b"])
+def test_an_mtp_layer_costs_its_inner_layer_plus_projection_and_logits(model):
+    """MTP on a dense model (no MoE sizes) and on an MoE one: the memory-bound kernels are the
+    inner layer's, the GEMMs add the 2h x h projection and a second output layer."""
+    req = request(f"model={model}", "model.mtp_num_layers=1")
+    s = Strategy(tp=2, pp=2, dp=4, sp=True)
+    inner = layer(req, s, kind=req.model.mtp_inner_kind)
+    mtp = layer(req, s, kind=LayerKind.MTP)
+    assert mtp.fwd.memory_bound == inner.fwd.memory_bound
+    assert mtp.fwd.ep_comm == inner.fwd.ep_comm
+    tokens, h = s.mbs * req.train.seq_length, req.model.hidden_size
+    extra = 2 * tokens * 2 * h * h / s.tp + 2 * tokens * h * req.model.padded_vocab_size(s.tp) / s.tp
+    shape = Shape(mbs=s.mbs, seq=req.train.seq_length, tp=s.tp)
+    assert item_flops(req.model, LayerKind.MTP, shape).gemm == pytest.approx(
+        item_flops(req.model, req.model.mtp_inner_kind, shape).gemm + extra, rel=1e-12
+    )

@@ -150,6 +150,16 @@ def _memory_time(nbytes: float, cluster: ClusterSpec) -> float:
     return nbytes / (cluster.hbm_bandwidth_gbps * 1e9 * HBM_EFFICIENCY)
 
 
+def _ffn_shape(model: ModelSpec, kind: LayerKind) -> tuple[int, int]:
+    """FFN width and experts per token of a decoder-like layer; an MTP layer's inner
+    transformer layer is built like the last decoder layer."""
+    if kind is LayerKind.MTP:
+        kind = model.mtp_inner_kind
+    if kind is LayerKind.DENSE:
+        return model.ffn_hidden_size, 1
+    return model.moe_ffn_hidden_size, model.moe_router_topk
+
+
 def _elementwise_bytes(model: ModelSpec, kind: LayerKind, act: ActShape) -> float:
     """HBM traffic of the memory-bound kernels of one forward: norms, residual adds,
     dropout, rotary embedding, activation function, softmax of the loss."""
@@ -159,8 +169,7 @@ def _elementwise_bytes(model: ModelSpec, kind: LayerKind, act: ActShape) -> floa
     if kind is LayerKind.LOSS:
         vocab = model.padded_vocab_size(act.tp)
         return BF16 * t * h / act.tsp * 4 + 4 * t * vocab / act.tp * 4  # float32 passes over logits
-    ffn = model.ffn_hidden_size if kind is LayerKind.DENSE else model.moe_ffn_hidden_size
-    topk = 1 if kind is LayerKind.DENSE else model.moe_router_topk
+    ffn, topk = _ffn_shape(model, kind)
     fc1 = ffn * (2 if model.gated_linear_unit else 1)
     per_token = 14 * h / act.tsp + topk * (fc1 + ffn) / act.tp
     return BF16 * t * per_token
@@ -202,8 +211,7 @@ def _ep_comm(model: ModelSpec, s: Strategy, act: ActShape, link: comm.Link) -> f
 def _fp8_cast_bytes(model: ModelSpec, kind: LayerKind, act: ActShape) -> float:
     """HBM traffic of quantizing the inputs of one forward's fp8 GEMMs (QKV, projection,
     fc1, fc2); the backward quantizes as many gradients."""
-    ffn = model.ffn_hidden_size if kind is LayerKind.DENSE else model.moe_ffn_hidden_size
-    topk = 1 if kind is LayerKind.DENSE else model.moe_router_topk
+    ffn, topk = _ffn_shape(model, kind)
     per_token = 2 * model.hidden_size / act.tsp + model.query_projection_size / act.tp
     per_token += topk * (model.hidden_size / act.tsp + ffn / act.tp)
     return FP8_CAST_BYTES * act.tokens * per_token
