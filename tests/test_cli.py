@@ -29,3 +29,16 @@ def test_bad_tp_pin_is_a_clear_error():
     proc = run_cli("plan", "--quiet", "model=llama3_70b", "cluster.num_nodes=8", "strategy.tp=3")
     assert proc.returncode == 2
     assert "strategy.tp (3)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_overrides_may_follow_options():
+    """`plan --json model=x` and `plan model=x --json cluster=y` are the same request."""
+    before = run_cli("plan", "--json", "--quiet", "model=tiny", "cluster=cpu")
+    after = run_cli("plan", "model=tiny", "--json", "cluster=cpu", "--quiet")
+    assert before.returncode == 0 and after.returncode == 0, before.stderr + after.stderr
+    plan = json.loads(after.stdout)
+    assert plan["model"]["name"] == "tiny" and plan["cluster"]["name"] == "cpu"
+    timeless = lambda out: {k: v for k, v in json.loads(out).items() if k not in ("solver", "solve_time_s")}  # noqa: E731
+    assert timeless(before.stdout) == timeless(after.stdout)
+    bad = run_cli("plan", "model=tiny", "--bogus")
+    assert bad.returncode == 2 and "--bogus" in bad.stderr
