@@ -10,7 +10,10 @@ import sys
 
 import pytest
 
+from conftest import request
+from uniap_megatron.cost.activations import ActShape, Implementation, decoder_layer_bytes
 from uniap_megatron.profile import format as fmt
+from uniap_megatron.spec.model import LayerKind
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
@@ -51,6 +54,13 @@ def test_profile_measures_every_candidate_shape(profiled):
     assert t(1, 2, "selective").saved_bytes < 0.7 * t(1, 2).saved_bytes
     assert t(2, 2).seq_shardable_bytes == t(1, 2).seq_shardable_bytes > 0
     assert 0 < t(2, 2).seq_shardable_bytes < t(2, 2).saved_bytes
+    # ... and they are what the layer holds: the local formula, itself measured exact against
+    # megatron-core's layer in test_megatron_activations.py.
+    model = request(*SETUP).model
+    for tp, mbs, rec in ((1, 2, "none"), (2, 4, "none"), (2, 2, "selective")):
+        formula = decoder_layer_bytes(model, LayerKind.DENSE, ActShape(mbs=mbs, seq=128, tp=tp),
+                                      Implementation.LOCAL, selective=rec == "selective")
+        assert t(tp, mbs, rec).saved_bytes == pytest.approx(formula, rel=0.05), (tp, mbs, rec)
     # Collectives: every operation over the two ranks, fitted to a latency and a bandwidth.
     ops = {c.key.op for c in p.collectives}
     assert ops == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"}

@@ -4,7 +4,8 @@ Time: CUDA events around forward and backward on a GPU; on the CPU, the wall clo
 after warm-up iterations, the median of the repeats (robust to a stray slow iteration on a
 shared host).
 
-Memory: the bytes one forward saves for backward, counted through
+Memory: the bytes one forward saves for backward and are still held when it ends (a graph
+that full recomputation discards holds nothing), counted through
 ``torch.autograd.graph.saved_tensors_hooks`` once per distinct storage, without the
 parameters (weights are counted exactly by the parameter model) and without the inputs every
 layer of a micro-batch shares (the attention mask, the rotary table). Each saved tensor is
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from uniap_megatron.profile.megatron_layers import Runnable
+from uniap_megatron.validate.saved_activations import SavedTensorRecorder
 
 
 @dataclass(frozen=True)
@@ -75,16 +77,6 @@ def time_item(item: Runnable, *, device: str, warmup: int, repeats: int) -> Timi
     return Timing(statistics.median(fwd), statistics.median(bwd), repeats)
 
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
-    try:
-        storage = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-    if storage.nbytes() == 0:
-        return None
-    return storage.data_ptr(), storage.nbytes()
-
-
 def _outside_tp_region(module: torch.nn.Module, item: Runnable) -> bool:
     name = type(module).__name__
     return module is item.module or "Norm" in name or "ColumnParallelLinear" in name
@@ -92,9 +84,6 @@ def _outside_tp_region(module: torch.nn.Module, item: Runnable) -> bool:
 
 def saved_bytes(item: Runnable, hidden_size: int) -> SavedBytes:
     """Bytes one forward keeps for backward (see the module docstring)."""
-    excluded = {_storage_key(p) for p in item.module.parameters()}
-    excluded |= {_storage_key(t) for t in item.static}
-    seen: dict[tuple[int, int], bool] = {}
     stack: list[torch.nn.Module] = []
 
     def pre(module, args):
@@ -104,28 +93,25 @@ def saved_bytes(item: Runnable, hidden_size: int) -> SavedBytes:
         if stack and stack[-1] is module:
             stack.pop()
 
+    def shardable(t: torch.Tensor) -> bool:
+        inner = stack[-1] if stack else item.module
+        return tuple(t.shape) == (item.seq, item.mbs, hidden_size) and _outside_tp_region(inner, item)
+
     handles = []
     for m in item.module.modules():
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post, always_call=True))
-
-    def pack(t: torch.Tensor):
-        key = _storage_key(t)
-        if key is not None and key not in excluded and key not in seen:
-            inner = stack[-1] if stack else item.module
-            seen[key] = tuple(t.shape) == (item.seq, item.mbs, hidden_size) and _outside_tp_region(inner, item)
-        return t
-
+    recorder = SavedTensorRecorder(exclude=[*item.module.parameters(), *item.static], tag=shardable)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with recorder:
             out = item.forward()
     finally:
         for h in handles:
             h.remove()
+    held = recorder.held()
     out.backward(item.grad)
-    total = sum(k[1] for k in seen)
-    shardable = sum(k[1] for k, sh in seen.items() if sh)
-    return SavedBytes(float(total), float(shardable))
+    total = sum(t.nbytes for t in held)
+    return SavedBytes(float(total), float(sum(t.nbytes for t in held if t.tag)))
 
 
 def peak_bytes(item: Runnable) -> float:

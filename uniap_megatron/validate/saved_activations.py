@@ -18,7 +18,7 @@ works on any device; on the CPU megatron-core needs a few shims for its CUDA ass
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -33,27 +33,35 @@ class SavedTensor:
     dtype: str
     nbytes: int
     """Bytes of the whole storage the saved tensor lives in."""
+    tag: object = None
+    """What the recorder's ``tag`` callback said of it when it was saved."""
 
 
 class _Held:
     """What the pack hook hands to autograd: it lives exactly as long as the saved slot."""
 
-    __slots__ = ("tensor", "__weakref__")
+    __slots__ = ("tensor", "tag", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor) -> None:
+    def __init__(self, tensor: torch.Tensor, tag: object = None) -> None:
         self.tensor = tensor
+        self.tag = tag
 
 
 class SavedTensorRecorder:
-    """Context manager; after the forward, :meth:`held` lists what backward still needs."""
+    """Context manager; after the forward, :meth:`held` lists what backward still needs.
+    ``tag``, called on each tensor as it is saved, labels it (the profiler asks, at that
+    moment, which module is saving it)."""
 
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(
+        self, exclude: Iterable[torch.Tensor] = (), tag: Callable[[torch.Tensor], object] | None = None
+    ) -> None:
         self._exclude = {_storage(t) for t in exclude}
+        self._tag = tag
         self._held: list[weakref.ref] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor) -> _Held:
-        held = _Held(tensor)
+        held = _Held(tensor, self._tag(tensor) if self._tag else None)
         self._held.append(weakref.ref(held))
         return held
 
@@ -80,7 +88,8 @@ class SavedTensorRecorder:
             if key in seen:
                 continue
             seen.add(key)
-            out.append(SavedTensor(tuple(t.shape), str(t.dtype).removeprefix("torch."), t.untyped_storage().nbytes()))
+            nbytes = t.untyped_storage().nbytes()
+            out.append(SavedTensor(tuple(t.shape), str(t.dtype).removeprefix("torch."), nbytes, held.tag))
         return out
 
     def total_bytes(self) -> int:
