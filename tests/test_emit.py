@@ -147,3 +147,20 @@ def test_first_last_keys_replace_the_layout_in_config_values(vpp_plan):
         assert "model.pipeline_model_parallel_layout" not in values
         assert values["model.num_layers_in_first_pipeline_stage"] == 6
         assert values["model.num_layers_in_last_pipeline_stage"] == 10
+
+
+def test_tp_comm_overlap_reaches_every_launch_form():
+    """A plan costed with --tp-comm-overlap asks for it on each of its launch forms; one
+    without sequence parallelism cannot have it and asks nowhere."""
+    overlapped = plan_request(request(
+        "model=llama2_7b", "train.global_batch_size=64", "train.tp_comm_overlap=true", "strategy.tp=4",
+        "strategy.sp=true", "strategy.pp=1",
+    ))
+    assert "--tp-comm-overlap" in megatron_args(overlapped.strategy, overlapped.layout, overlapped.train)
+    assert OmegaConf.create(recipe_yaml(overlapped)).comm_overlap.tp_comm_overlap is True
+    assert nemo_values(overlapped)["model.ub_tp_comm_overlap"] is True
+    assert "model.ub_tp_comm_overlap=true" in nemo_overrides(overlapped)
+    plain = plan_request(request("model=llama2_7b", "train.global_batch_size=64", "train.tp_comm_overlap=true",
+                                 "strategy.tp=4", "strategy.sp=false", "strategy.pp=1"))
+    assert "--tp-comm-overlap" not in megatron_args(plain.strategy, plain.layout, plain.train)
+    assert "comm_overlap" not in recipe_dict(plain) and "model.ub_tp_comm_overlap" not in nemo_values(plain)

@@ -55,6 +55,12 @@ def strategy_values(plan) -> dict[str, Any]:
     }
 
 
+def tp_comm_overlapped(plan) -> bool:
+    """Whether the plan's costs assume Transformer Engine's tensor-parallel overlap (it
+    needs sequence parallelism)."""
+    return plan.strategy.sp and plan.train.tp_comm_overlap
+
+
 def keyed_values(plan, keys: dict[str, str], layout_style: str) -> dict[str, Any]:
     """The plan under one config layout's keys, the layout written as ``layout_style``
     says: the layout string, or the first/last split for megatron-core versions without

@@ -46,7 +46,7 @@ def megatron_args(s: Strategy, layout: Layout, train: TrainSpec, *, layout_style
             "--recompute-num-layers", str(s.recompute_num_layers),
         ]
     args += ["--seq-length", str(train.seq_length)]
-    if s.sp and train.tp_comm_overlap:
+    if s.sp and train.tp_comm_overlap:  # as emit.config_keys.tp_comm_overlapped
         args.append("--tp-comm-overlap")
     args.append("--fp16" if train.precision is Precision.FP16 else "--bf16")
     if train.precision is Precision.FP8:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from uniap_megatron.emit.config_keys import FIRST_LAST_KEYS, NEMO_KEYS, keyed_values
+from uniap_megatron.emit.config_keys import FIRST_LAST_KEYS, NEMO_KEYS, keyed_values, tp_comm_overlapped
 from uniap_megatron.emit.overrides import hydra_override
 
 # Keys that the stock NeMo 1.x GPT config does not hold; overrides add them with ``++``.
@@ -20,6 +20,8 @@ def nemo_values(plan, *, layout_style: str = "layout") -> dict[str, Any]:
         del values[NEMO_KEYS["ep"]]
     if plan.strategy.distributed_optimizer:
         values["model.optim.name"] = "distributed_fused_adam"
+    if tp_comm_overlapped(plan):
+        values["model.ub_tp_comm_overlap"] = True
     return values
 
 

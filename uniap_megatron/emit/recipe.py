@@ -1,6 +1,7 @@
 """A Megatron-Bridge / NeMo 2 recipe override YAML for a plan: megatron-core field names
 on ``model``, batch sizes on ``train``, optimizer sharding and overlaps on ``ddp`` (and on
-``optimizer``, which Megatron-Bridge keeps in step with ``ddp``)."""
+``optimizer``, which Megatron-Bridge keeps in step with ``ddp``), the tensor-parallel
+overlap, when the plan counts on it, on ``comm_overlap``."""
 
 from __future__ import annotations
 
@@ -8,19 +9,22 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from uniap_megatron.emit.config_keys import BRIDGE_KEYS, keyed_values
+from uniap_megatron.emit.config_keys import BRIDGE_KEYS, keyed_values, tp_comm_overlapped
 
 
 def bridge_values(plan, *, layout_style: str = "layout") -> dict[str, Any]:
     """What the plan decides, under Megatron-Bridge ``ConfigContainer`` paths."""
     distopt = plan.strategy.distributed_optimizer
-    return {
+    values = {
         **keyed_values(plan, BRIDGE_KEYS, layout_style),
         "ddp.use_distributed_optimizer": distopt,
         "ddp.overlap_grad_reduce": True,
         "ddp.overlap_param_gather": distopt,
         "optimizer.use_distributed_optimizer": distopt,
     }
+    if tp_comm_overlapped(plan):
+        values["comm_overlap.tp_comm_overlap"] = True
+    return values
 
 
 def recipe_dict(plan, *, layout_style: str = "layout") -> dict:
@@ -32,8 +36,10 @@ def recipe_dict(plan, *, layout_style: str = "layout") -> dict:
         **bridge_values(plan, layout_style=layout_style),
     }
     nested: dict = {}
-    for section in ("model", "train", "ddp", "optimizer"):
-        nested[section] = {k.split(".", 1)[1]: v for k, v in flat.items() if k.split(".", 1)[0] == section}
+    for section in ("model", "train", "ddp", "optimizer", "comm_overlap"):
+        values = {k.split(".", 1)[1]: v for k, v in flat.items() if k.split(".", 1)[0] == section}
+        if values:
+            nested[section] = values
     return nested
 
 
