@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 from uniap_megatron import __version__
@@ -200,7 +201,10 @@ class Plan:
 def rerank(candidates: tuple[Solution, ...]) -> list[tuple[Solution, float]]:
     """The candidates with their simulated step times, fastest first; equal times keep the
     search's order, so the choice is deterministic."""
-    simulated = [simulate_estimate(c.estimate, record=False).step_time_s for c in candidates]
+    simulated = [
+        c.simulated_s if math.isfinite(c.simulated_s) else simulate_estimate(c.estimate, record=False).step_time_s
+        for c in candidates
+    ]
     order = sorted(range(len(candidates)), key=lambda i: (round(simulated[i], 12), i))
     return [(candidates[i], simulated[i]) for i in order]
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from uniap_megatron.cost.activations import Implementation
 from uniap_megatron.cost.items import CostSource, StepCosts, step_costs
+from uniap_megatron.cost.simulate import simulate_estimate
 from uniap_megatron.cost.step import Estimate, evaluate
 from uniap_megatron.errors import InfeasibleError
 from uniap_megatron.solver.bounds import (
@@ -75,6 +76,8 @@ class Solution:
     estimate: Estimate
     program: LayoutResult | None
     """How the layout was found; None when the layout was pinned and simply evaluated."""
+    simulated_s: float = math.nan
+    """Step time of the discrete-event simulation of Megatron's schedule (cost/simulate.py)."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,11 @@ class SearchStats:
 @dataclass(frozen=True)
 class SearchResult:
     best: Solution
+    """The fastest plan in simulation; ``alternatives`` are the next ``top_k - 1``."""
     alternatives: tuple[Solution, ...]
     stats: SearchStats
+    closed_form: tuple[Solution, ...] = ()
+    """The ``top_k`` best plans in the closed form, which the search proves optimal."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,7 @@ class _Search:
         self.log: list[_Node] | None = None
         """Nodes in the order they were pushed, when a worker must report them."""
         self.found: list[Solution] = []
+        self.best_simulated = math.inf
         self.counter = itertools.count()
         self.stats = dict(memory=0, bound=0, solved=0, infeasible=0, unsolved=0, mips=0, bounds=0)
         self.solver_time, self.max_gap, self.statuses = 0.0, 0.0, set()
@@ -193,10 +200,18 @@ class _Search:
             self.log.append(node)
 
     def cutoff(self) -> float:
+        """The closed form of the k-th plan, or the best simulated step if higher: the
+        closed form is optimistic for uneven interleaved chunks, so every strategy whose
+        bound is below a simulated step found so far is solved and simulated too."""
         distinct = _distinct(self.found)
         if len(distinct) < self.options.top_k:
             return math.inf
-        return distinct[self.options.top_k - 1].estimate.step_time_s
+        return max(distinct[self.options.top_k - 1].estimate.step_time_s, self.best_simulated)
+
+    def add(self, solution: Solution) -> None:
+        simulated = simulate_estimate(solution.estimate, record=False).step_time_s
+        self.best_simulated = min(self.best_simulated, simulated)
+        self.found.append(dataclasses.replace(solution, simulated_s=simulated))
 
     # --------------------------------------------------------------- opening
     def open_family(self, f: Family, sizes: dict) -> None:
@@ -300,7 +315,7 @@ class _Search:
             if solution is None:
                 self.stats["infeasible"] += 1
             else:
-                self.found.append(solution)
+                self.add(solution)
             return
         result = self._best_layout(node)
         self.stats["solved"] += 1
@@ -312,7 +327,7 @@ class _Search:
             return
         self.max_gap = max(self.max_gap, result.gap)
         self.statuses.add("optimal" if result.proven else "feasible")
-        self.found.append(Solution(s, result.layout, result.estimate, result))
+        self.add(Solution(s, result.layout, result.estimate, result))
 
     def _best_layout(self, node: _Node) -> LayoutResult:
         """The strategy's optimum if it beats the k-th plan. Before there is a k-th plan,
@@ -395,6 +410,10 @@ def search(
     found = _distinct(state.found)
     best_time = found[0].estimate.step_time_s
     gap = 0.0 if open_bound is None else max(0.0, (best_time - open_bound) / best_time)
+    closed_form = tuple(found[: options.top_k])
+    # The plan and its alternatives: the fastest in simulation (the closed form ranked the
+    # search; the schedule decides).
+    found.sort(key=lambda x: (significant(x.simulated_s), _rank(x)))
     st = state.stats
     stats = SearchStats(
         configs_enumerated=enumerated,
@@ -413,7 +432,8 @@ def search(
         complete=complete and not st["unsolved"],
         statuses=tuple(sorted(state.statuses)),
     )
-    return SearchResult(best=found[0], alternatives=tuple(found[1 : options.top_k]), stats=stats)
+    return SearchResult(best=found[0], alternatives=tuple(found[1 : options.top_k]), stats=stats,
+                        closed_form=closed_form)
 
 
 PARALLEL_FAMILIES = 2000
