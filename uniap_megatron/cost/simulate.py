@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from functools import lru_cache
 
 from uniap_megatron.cost.schedule import schedule_table
 from uniap_megatron.cost.step import Estimate
@@ -274,6 +275,13 @@ def programs(pp: int, vpp: int, m: int, *, overlap_p2p: bool) -> tuple[list[_Pro
     return progs, calls
 
 
+@lru_cache(maxsize=16)
+def _programs(pp: int, vpp: int, m: int, overlap_p2p: bool) -> tuple[list[_Program], _Calls]:
+    """:func:`programs`, built once per schedule shape: the search simulates many plans of
+    the same shape, and building the schedule costs as much as running it."""
+    return programs(pp, vpp, m, overlap_p2p=overlap_p2p)
+
+
 def _match(calls: _Calls) -> None:
     """Pair the n-th send of each (sender, receiver, kind) with the n-th receive."""
     sends: dict[tuple[int, int, int], list[int]] = {}
@@ -308,14 +316,18 @@ def simulate_pipeline(
     choice: on with interleaving. ``record=False`` keeps only the makespan (faster)."""
     pp, vpp = len(fwd), len(fwd[0])
     overlap = vpp > 1 if overlap_p2p is None else overlap_p2p
-    progs, calls = programs(pp, vpp, num_microbatches, overlap_p2p=overlap)
+    progs, calls = _programs(pp, vpp, num_microbatches, overlap)
     times = (fwd, bwd)
     clock = [0.0] * pp
     pc = [0] * pp
     ready = deque(range(pp))
     intervals: list[Interval] = []
-    start, end, post = calls.start, calls.end, calls.post
-    msg_start, msg_end = calls.msg_start, calls.msg_end
+    # The schedule is shared between simulations (cached); the times are this run's.
+    start: list[float | None] = [None] * len(calls.rank)
+    end: list[float | None] = [None] * len(calls.rank)
+    post: list[float | None] = [None] * len(calls.rank)
+    msg_start: list[float | None] = [None] * len(calls.sender)
+    msg_end: list[float | None] = [None] * len(calls.sender)
 
     # A call starts once posted and once its rank's previous call has ended; a message
     # moves once both its calls have started; a call ends with its last message.
