@@ -53,7 +53,12 @@ EOF
 fi
 
 mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+[ -d "$WHEELS" ] && WHEELS="$(cd "$WHEELS" && pwd)"
 SITE="$OUT_DIR/site"
+# Run outside the repository: its source tree would shadow the installed package (whose
+# configs are packaged as uniap_megatron.hydra_configs).
+cd "$OUT_DIR"
 
 # 1. Packages: what the wheel folder brings, then this repository itself (no index used).
 if ls "$WHEELS"/*.whl "$WHEELS"/*.tar.gz >/dev/null 2>&1; then
