@@ -112,7 +112,7 @@ def solver_text(plan: Plan) -> Text:
     st = plan.search.stats
     gap = max(st.max_gap, st.search_gap)
     if st.complete and gap == 0:
-        status = "proven optimal in closed form, the best plans re-ranked by the schedule simulation"
+        status = "proven optimal in closed form; the plans solved were simulated and the fastest chosen"
     elif not st.complete:
         status = f"best found, gap {gap:.2%} (stopped at the program budget, solver.max_programs)"
     else:
