@@ -117,7 +117,9 @@ timeout "$TIME_LIMIT" "$PY" -m uniap_megatron.cli profile --quiet "${SETUP[@]}" 
   profile.nproc=1 'profile.mbs=[1,2]' 'profile.recompute=[none]' "profile.output=$PROFILE" >"$OUT_DIR/profile.txt"
 "$PY" "$REPO/benchmarks/gpu_profile_check.py" "$PROFILE" "${SETUP[@]}" --json >"$OUT_DIR/check.json"
 "$PY" "$REPO/benchmarks/gpu_profile_check.py" "$PROFILE" "${SETUP[@]}"
-if "$PY" -c "import pulp, highspy" 2>/dev/null; then
+if ! why=$("$PY" -c "import pulp, highspy" 2>&1); then
+  echo "no plan from the profile: the solver does not import here: $(echo "$why" | tail -1)" >&2
+else
   # Pinned to shapes the profile holds (cp 1, mbs 1, no recomputation), so that the plan's
   # computation comes from the measurements; its output says which parts did.
   if "$PY" -m uniap_megatron.cli plan --json "${SETUP[@]}" strategy.cp=1 strategy.mbs=1 strategy.recompute=none \
