@@ -125,19 +125,31 @@ def composition_floor(rows: np.ndarray, model: ModelSpec, chunk: int = 64) -> fl
     # Rank r holds T layers with d minority ones once Z >= the least value at T or beyond.
     lowest_after = np.minimum.accumulate(rows[..., ::-1, :], axis=-2)[..., ::-1, :]
     d_index = np.arange(D + 1)
+    # The (max, +) step over (m, d) at once: new[m, d] = max over (m1, d1) of
+    # best[m - m1, d - d1] + most[m1, d1], with a NONE row and column standing for m < 0, d < 0.
+    m_from = np.arange(M)[:, None] - np.arange(M)[None, :]  # [m, m1]
+    d_from = d_index[:, None] - d_index[None, :]  # [d, d1]
+    m_from = np.where(m_from >= 0, m_from, M)
+    d_from = np.where(d_from >= 0, d_from, D + 1)
+    # lowest_after never falls with T, so the layers rank r can hold at z[j] count the T
+    # whose first candidate at or above lowest_after is j or before: one sorted search
+    # over all (m, r, d) rows at once, keyed by row.
+    order = np.moveaxis(lowest_after, -2, -1)  # [m, r, d, T]
+    row_id = np.arange(order[..., 0].size).reshape(order.shape[:-1])
+    row_start = row_id * (L + 1)
     for start in range(0, len(zs), chunk):
         z = zs[start : start + chunk]
-        count = (lowest_after[..., None] <= z).sum(axis=2) - 1  # [m, r, d, z]
+        stride = len(z) + 1
+        keys = (row_id[..., None] * stride + np.searchsorted(z, order, side="left")).ravel()
+        count = np.searchsorted(keys, (row_id[..., None] * stride + np.arange(len(z))).ravel(), side="right")
+        count = count.reshape(row_id.shape + (len(z),)) - row_start[..., None] - 1  # [m, r, d, z]
         most = np.where(count >= d_index[None, None, :, None], count, NONE)
-        best = np.full((M, D + 1, len(z)), NONE, dtype=np.int64)
+        best = np.full((M + 1, D + 2, len(z)), NONE, dtype=np.int64)
         best[0, 0] = 0
         for r in range(rows.shape[1]):
-            new = np.full_like(best, NONE)
-            for m1 in range(M):
-                for d1 in range(D + 1):
-                    add = best[: M - m1, : D + 1 - d1] + most[m1, r, d1][None, None, :]
-                    np.maximum(new[m1:, d1:], add, out=new[m1:, d1:])
-            best = np.maximum(new, NONE)
+            # [m, d, m1, d1, z]
+            add = best[m_from[:, None, :, None], d_from[None, :, None, :]] + most[:, r][None, None]
+            best[:M, : D + 1] = np.maximum(add.max(axis=(2, 3)), NONE)
         hit = np.nonzero(best[M - 1, D] >= L)[0]
         if len(hit):
             return float(z[hit[0]])
