@@ -332,6 +332,7 @@ class Ranks:
         self.mtp_stage = mtp_stage
         self.D = sides.dense
         roles = [sides.role(r, mtp_stage) for r in range(inst.pp)]
+        self.roles, self._cache = tuple(roles), sides
         kinds = sides.variants()
         his = [max(sides.most(r, role, v) for v in kinds) for r, role in enumerate(roles)]
         self.feasible = min(his) >= 0 and sum(his) >= L
@@ -436,6 +437,14 @@ class Ranks:
                         break
         return vals, how
 
+    def _values(self, r: int, variant, side: RankSide, tab: dict, z: float, w: float, what: str):
+        """``_rank_values``, shared by the masters in which rank r plays the same role."""
+        key = (r, self.roles[r], variant, z, w, what)
+        hit = self._cache.rank_values.get(key)
+        if hit is None:
+            hit = self._cache.rank_values[key] = self._rank_values(side, tab, z, w, what)
+        return hit
+
     def dp(self, z: float, w: float, what: str) -> Pick | None:
         """F[total, c]: best over the ranks so far holding ``total`` layers, ``c`` of them
         in first chunks (capped at D; always 0 without a dense prefix)."""
@@ -449,8 +458,19 @@ class Ranks:
         shift = np.where(valid, self.shift, 0)
         rows = np.arange(L + 1)
         backs, hows = [], []
-        for by_side, by_table in zip(self.sides, self._tables):
-            values = {v: self._rank_values(side, by_table[v], z, w, what) for v, side in by_side.items()}
+        # The masters of one strategy differ only in which rank holds the MTP layers, and
+        # the level searches ask them the same (z, w): the ranks before the holder are the
+        # same sides in every master, so their states are shared.
+        done = self._cache.prefix_states
+        for r, (by_side, by_table) in enumerate(zip(self.sides, self._tables)):
+            key = (z, w, what, self.roles[: r + 1])
+            hit = done.get(key)
+            if hit is not None:
+                F, back, how = hit
+                backs.append(back)
+                hows.append(how)
+                continue
+            values = {v: self._values(r, v, side, by_table[v], z, w, what) for v, side in by_side.items()}
             best = np.full((L + 1, D + 1), inf)
             back_t = np.zeros((L + 1, D + 1), dtype=int)
             back_c = np.zeros((L + 1, D + 1), dtype=int)
@@ -474,6 +494,7 @@ class Ranks:
             F = best
             backs.append((back_t, back_c, back_v, variants))
             hows.append({v: h for v, (_, h) in values.items()})
+            done[key] = (F, backs[-1], hows[-1])
         if not math.isfinite(F[L, D]):
             return None
         choice, total, c = [], L, D
@@ -535,6 +556,10 @@ class SideCache:
         best = [max(self._most[r, role, v] for role in self.roles for v in self.variants()) for r in range(inst.pp)]
         self._least = [max(0, L - (sum(best) - best[r])) for r in range(inst.pp)]
         self._sides, self._tables = {}, {}
+        self.prefix_states: dict = {}
+        self.rank_values: dict = {}
+        """(r, role, variant, z, w, what) -> what ``Ranks._rank_values`` gives."""
+        """(z, w, what, roles of ranks 0..r) -> the dynamic program's state after rank r."""
 
     def variants(self) -> list[tuple[int, bool]]:
         """(lead, closed) ways a rank's first chunk takes dense layers: (0, False) alone
