@@ -546,10 +546,13 @@ class SideCache:
         L = inst.num_layers
         T = np.arange(L + 1)
         self._most = {}
+        # The sides measured here become the master's sides once their range of T is known.
+        self._probes: dict[tuple, RankSide] = {}
         for r in range(inst.pp):
             for role in self.roles:
                 for variant in self.variants():
                     probe = RankSide(inst, r, self._stage(r, role), self.unit, range(0), **self._extra(variant))
+                    self._probes[r, role, variant] = probe
                     floor = np.where(T >= variant[0], probe.p(T, _least_rec(inst, T)), math.inf)
                     ok = np.nonzero(floor <= z_limit * (1 + EPS))[0]
                     self._most[r, role, variant] = int(ok.max()) if len(ok) else -1
@@ -598,9 +601,8 @@ class SideCache:
     def side(self, r: int, role: str, variant: tuple[int, bool] = (0, False)) -> RankSide:
         side = self._sides.get((r, role, variant))
         if side is None:
-            t_range = range(max(self._least[r], variant[0]), self._most[r, role, variant] + 1)
-            side = self._sides[r, role, variant] = RankSide(self.inst, r, self._stage(r, role), self.unit, t_range,
-                                                            **self._extra(variant))
+            side = self._sides[r, role, variant] = self._probes[r, role, variant]
+            side.t_range = range(max(self._least[r], variant[0]), self._most[r, role, variant] + 1)
         return side
 
     def table(self, r: int, role: str, variant: tuple[int, bool], master: Ranks) -> dict:
