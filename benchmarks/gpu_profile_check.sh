@@ -39,7 +39,9 @@ if [ "$MODE" = download ]; then
   mkdir -p "$WHEELS"
   pkgs=$("$PY" - <<'EOF'
 from importlib import metadata
-names = ["megatron-core", "hydra-core", "omegaconf", "pulp", "highspy", "orloge"]
+# PuLP's log parser (orloge) brings pydantic, which a bare PyTorch image may lack.
+names = ["megatron-core", "hydra-core", "omegaconf", "pulp", "highspy", "orloge", "cpsat-logutils", "pydantic",
+         "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"]
 print(" ".join(f"{n}=={metadata.version(n)}" for n in names))
 EOF
 )
