@@ -31,6 +31,12 @@ PLANS = {
         "model=tiny_moe", *CPU, "+model.mtp_num_layers=1", "strategy.pp=2", "strategy.vpp=2",
         "strategy.layout=Ett|tt|t|tmL",
     ],
+    # The MTP layer without the last decoder layer: the final norm stays with that layer, on
+    # the other rank.
+    "tiny_moe-mtp-alone": [
+        "model=tiny_moe", *CPU, "+model.mtp_num_layers=1", "strategy.pp=2", "strategy.vpp=2",
+        "strategy.layout=Ettt|tt|t|mL",
+    ],
     # Real dimensions (built on the meta device): LayerNorm, biases, tied embeddings,
     # learned positions, dropout.
     "gpt3_5b-dgx_h100": ["model=gpt3_5b", "cluster=dgx_h100", "strategy.tp=2", "strategy.pp=2"],

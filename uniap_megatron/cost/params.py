@@ -105,6 +105,32 @@ def mtp_layer_params(model: ModelSpec, *, tp: int, ep: int, pp: int = 1) -> Para
     return decoder_layer_params(model, model.mtp_inner_kind, tp=tp, ep=ep) + ParamCount(extra + once // n)
 
 
+def stage_params(model: ModelSpec, stages: list[list[LayerKind]], *, tp: int, ep: int, pp: int) -> list[int]:
+    """Exact parameters per GPU of each stage, given the items of every stage.
+
+    Items carry even shares of what the MTP stage holds once (see :func:`mtp_layer_params`),
+    which memory can use as is; here that stage's embedding copy is counted whole, and the
+    final norm of a model with MTP goes where megatron-core builds it: with the last decoder
+    layer (``TransformerBlock.has_final_layernorm_in_this_stage``), a stage that need not
+    hold the MTP layers."""
+    each = {k: item_params(model, k, tp=tp, ep=ep, pp=pp).total for k in {k for items in stages for k in items}}
+    totals = [sum(each[k] for k in items) for items in stages]
+    n = model.mtp_layers
+    if not n:
+        return totals
+    norm = _norm(model, model.hidden_size)
+    copy = model.padded_vocab_size(tp) * model.hidden_size // tp if pp > 1 else 0
+    share = (norm + copy) // n
+    decoder = (LayerKind.DENSE, LayerKind.MOE)
+    for i, items in enumerate(stages):
+        held = items.count(LayerKind.MTP)
+        if held:  # megatron-core keeps all MTP layers in one stage
+            totals[i] += copy - held * share
+    last = max(i for i, items in enumerate(stages) if any(k in decoder for k in items))
+    totals[last] += norm
+    return totals
+
+
 def item_params(model: ModelSpec, kind: LayerKind, *, tp: int, ep: int, pp: int) -> ParamCount:
     if kind is LayerKind.EMBEDDING:
         return embedding_params(model, tp=tp)

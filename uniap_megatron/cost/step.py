@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from uniap_megatron.cost.items import StepCosts
+from uniap_megatron.cost.params import stage_params
 from uniap_megatron.cost.schedule import inflight_points, pipeline_time
 from uniap_megatron.space.layout import Layout
 from uniap_megatron.space.strategy import Recompute, Strategy
@@ -126,7 +127,7 @@ def checkpoints(strategy: Strategy, decoder_layers: int) -> int:
     return recomputed_layers(strategy, decoder_layers)
 
 
-def _stage(costs: StepCosts, index: int, layout: Layout, items: list[LayerKind]) -> StageEstimate:
+def _stage(costs: StepCosts, index: int, layout: Layout, items: list[LayerKind], params: int) -> StageEstimate:
     s = costs.strategy
     decoders = [k for k in items if k in (LayerKind.DENSE, LayerKind.MOE)]
     recomputed = recomputed_layers(s, len(decoders))
@@ -149,7 +150,7 @@ def _stage(costs: StepCosts, index: int, layout: Layout, items: list[LayerKind])
         bwd_s=bwd + recompute,
         static_bytes=sum(costs.items[k].static_bytes for k in items),
         act_bytes=act,
-        params=sum(costs.items[k].params.total for k in items),
+        params=params,
     )
 
 
@@ -162,7 +163,8 @@ def evaluate(costs: StepCosts, layout: Layout, model: ModelSpec, capacity_bytes:
     s = costs.strategy
     m = costs.num_microbatches
     per_stage_items = stage_items(model, layout)
-    stages = tuple(_stage(costs, i, layout, items) for i, items in enumerate(per_stage_items))
+    exact = stage_params(model, per_stage_items, tp=s.tp, ep=s.ep, pp=s.pp)
+    stages = tuple(_stage(costs, i, layout, items, exact[i]) for i, items in enumerate(per_stage_items))
     ranks = []
     for r in range(layout.pp):
         mine = [stages[i] for i in layout.stages_of_rank(r)]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from uniap_megatron.cost.params import item_params
+from uniap_megatron.cost.params import stage_params
 from uniap_megatron.cost.step import stage_items
 from uniap_megatron.errors import ValidationError
 from uniap_megatron.validate.arguments import check_arguments
@@ -65,10 +65,7 @@ class ValidationReport:
 def predicted_stage_params(doc: PlanDocument) -> list[int]:
     """Parameters per GPU of each virtual stage, from the cost model (``cost/params.py``)."""
     s = doc.strategy
-    return [
-        sum(item_params(doc.model, kind, tp=s.tp, ep=s.ep, pp=s.pp).total for kind in items)
-        for items in stage_items(doc.model, doc.layout)
-    ]
+    return stage_params(doc.model, stage_items(doc.model, doc.layout), tp=s.tp, ep=s.ep, pp=s.pp)
 
 
 def check_stage_predictions(doc: PlanDocument) -> list[str]:
