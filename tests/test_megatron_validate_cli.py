@@ -167,3 +167,12 @@ def test_worlds_above_max_ranks_are_checked_but_not_built(plan_json):
     report = validate_plan(load_plan(plan_json), max_ranks=1)
     assert report.build is None and all(row.built == () for row in report.rows)
     assert any("tp x pp x ep = 2 processes exceeds --max-ranks 1" in note for note in report.notes)
+
+
+def test_the_cli_and_the_library_build_up_to_the_same_number_of_ranks():
+    """`validate` keeps its default in the CLI (which must not import torch) and in the
+    library: one number."""
+    from uniap_megatron import cli
+    from uniap_megatron.validate import check
+
+    assert cli.DEFAULT_MAX_RANKS == check.DEFAULT_MAX_RANKS == 32
