@@ -479,18 +479,21 @@ class Ranks:
             for c in range(D + 1):
                 if not (F[:, c] < inf).any():
                     continue
+                # inf where t > total: combining it with a rank's value (never -inf) stays inf.
+                before = np.where(valid, F[shift, c], inf)
                 for variant, nxt in self.moves(c):
                     if variant not in values:
                         continue
-                    vals = values[variant][0]
-                    cand = np.where(valid, combine(F[shift, c], vals[None, :]), inf)
+                    cand = combine(before, values[variant][0][None, :])
                     t_best = np.argmin(cand, axis=1)
                     value = cand[rows, t_best]
                     better = value < best[:, nxt]
-                    best[:, nxt] = np.where(better, value, best[:, nxt])
-                    back_t[:, nxt] = np.where(better, t_best, back_t[:, nxt])
-                    back_c[:, nxt] = np.where(better, c, back_c[:, nxt])
-                    back_v[:, nxt] = np.where(better, variants.index(variant), back_v[:, nxt])
+                    if not better.any():
+                        continue
+                    best[better, nxt] = value[better]
+                    back_t[better, nxt] = t_best[better]
+                    back_c[better, nxt] = c
+                    back_v[better, nxt] = variants.index(variant)
             F = best
             backs.append((back_t, back_c, back_v, variants))
             hows.append({v: h for v, (_, h) in values.items()})
