@@ -34,6 +34,7 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -105,7 +106,6 @@ class RankSide:
         levels = np.unique(np.concatenate([f + w for f, w in zip(self.empty_time, self.work_of)]))
         self.levels = levels[levels >= self.empty_time.max() * (1 - EPS)]
         self.t_range = t_range
-        self._caps_cache: dict[int, np.ndarray] = {}
         self._block_cache: dict[tuple[int, int], tuple[np.ndarray, dict]] = {}
         self._first_level: np.ndarray | None = None
 
@@ -157,14 +157,24 @@ class RankSide:
         return T if self.inst.mode is Mode.UNIFORM else 0
 
     # ---------------------------------------------------------------- levels
+    @cached_property
+    def _caps_all(self) -> np.ndarray:
+        """Per level, how many layers each chunk can hold without passing it: [level, chunk]."""
+        room = (self.levels[:, None] - self.empty_time[None, :]
+                + (EPS * np.maximum(1.0, np.abs(self.levels)))[:, None])
+        caps = np.stack([np.searchsorted(w, room[:, k], side="right") - 1 for k, w in enumerate(self.work_of)], axis=1)
+        return np.minimum(np.maximum(caps, 0), self.cap_limit[None, :])
+
+    @cached_property
+    def _holds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per level, the most layers every open chunk can hold, and all chunks together;
+        neither falls as the level rises."""
+        caps = self._caps_all
+        every = np.where(self.cap_limit[None, :] == 0, np.iinfo(np.int64).max, caps).min(axis=1)
+        return every, caps.sum(axis=1)
+
     def caps(self, level: int) -> np.ndarray:
-        caps = self._caps_cache.get(level)
-        if caps is None:
-            room = self.levels[level] - self.empty_time + EPS * max(1.0, abs(self.levels[level]))
-            caps = np.array([np.searchsorted(w, r, side="right") - 1 for w, r in zip(self.work_of, room)])
-            caps = np.minimum(np.maximum(caps, 0), self.cap_limit)
-            self._caps_cache[level] = caps
-        return caps
+        return self._caps_all[level]
 
     def unlimited(self, level: int, T: int) -> bool:
         """At this level no chunk's capacity binds a rank of T layers."""
@@ -260,27 +270,16 @@ class RankSide:
 
     def lowest_level(self, T: int) -> int:
         """Lowest level whose capacities can hold T layers."""
-        lo, hi = 0, len(self.levels) - 1
-        if int(self.caps(hi).sum()) < T:
+        total = self._holds[1]
+        if int(total[-1]) < T:
             return -1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if int(self.caps(mid).sum()) >= T:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
+        return int(np.searchsorted(total, T, side="left"))
 
     def top_level(self, T: int) -> int:
-        """A level at which no capacity binds (every split of T layers is allowed)."""
-        lo, hi = 0, len(self.levels) - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.unlimited(mid, T):
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
+        """A level at which no capacity binds (every split of T layers is allowed): the
+        lowest, or the highest level when none is."""
+        every = self._holds[0]
+        return min(int(np.searchsorted(every, T, side="left")), len(self.levels) - 1)
 
 
 def canonical_block(total: int, recs: np.ndarray, m: int, cap: int, n: int) -> np.ndarray | None:
