@@ -88,7 +88,7 @@ def run_once(scenario: Scenario, naive_limit_s: float) -> dict:
         "complete": st.complete,
         "best": plan.strategy.short(),
         "layout": plan.layout.to_megatron(),
-        "step_time_s": plan.estimate.step_time_s,
+        "step_time_s": plan.prediction.step_time_s,
         "seq_length": plan.train.seq_length,
     }
     if naive_limit_s > 0:

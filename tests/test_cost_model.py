@@ -127,6 +127,19 @@ class TestParameters:
         assert expected == 8_030_261_248
         assert params.total_params(LLAMA3) == expected
 
+    @pytest.mark.parametrize("mtp", [1, 3])
+    def test_llama3_mtp_total_and_stages(self, mtp):
+        """Each MTP layer: two norms, the 2h x h projection, a decoder layer and its norm; the
+        model's final norm once (its shares over 3 MTP layers leave a remainder)."""
+        model = LLAMA3.replace(mtp_num_layers=mtp)
+        per_mtp = 218_112_000 + 3 * HL + 2 * HL * HL
+        assert params.total_params(model) == params.total_params(LLAMA3) + mtp * per_mtp
+        stages = [[LayerKind.EMBEDDING] + [LayerKind.DENSE] * 16, [LayerKind.DENSE] * 16, [LayerKind.MTP] * mtp + [LayerKind.LOSS]]
+        counts = params.stage_params(model, stages, tp=1, ep=1, pp=3)
+        assert counts[0] == V_L_1 * HL + 16 * 218_112_000
+        assert counts[1] == 16 * 218_112_000 + HL  # the final norm, with the last decoder layer
+        assert counts[2] == mtp * per_mtp + V_L_1 * HL + V_L_1 * HL  # embedding copy and output layer
+
 
 # -------------------------------------------------------------------------------- FLOPs
 class TestFlops:

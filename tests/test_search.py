@@ -115,3 +115,22 @@ def test_nothing_fits_says_how_much_memory_is_needed():
     req = request("model=llama3_70b", "cluster.num_nodes=1", "cluster.memory_gib=20")
     with pytest.raises(InfeasibleError, match=r"needs \d+\.\d GiB per GPU"):
         search(req.model, req.cluster, req.train, req.pins)
+
+
+def _plan_in_a_pool_worker(_):
+    import uniap_megatron.solver.search as module
+
+    module.PARALLEL_FAMILIES = 10  # a space this size would be bounded in forked processes
+    req = request("model=llama3_8b", "cluster.num_nodes=8")
+    return module.search(req.model, req.cluster, req.train, req.pins).best.strategy
+
+
+def test_search_inside_a_daemonic_worker_bounds_in_one_process():
+    """A multiprocessing.Pool worker may not fork children: the search then bounds the keys
+    itself, and finds the same plan."""
+    import multiprocessing
+
+    req = request("model=llama3_8b", "cluster.num_nodes=8")
+    here = search(req.model, req.cluster, req.train, req.pins).best.strategy
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.map(_plan_in_a_pool_worker, [0]) == [here]

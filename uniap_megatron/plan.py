@@ -22,7 +22,7 @@ from uniap_megatron.cost.params import total_params
 from uniap_megatron.cost.simulate import simulate_estimate
 from uniap_megatron.cost.step import GIB, Estimate
 from uniap_megatron.emit.megatron_args import megatron_args
-from uniap_megatron.solver.search import SearchResult, Solution
+from uniap_megatron.solver.search import SearchResult, Solution, significant
 from uniap_megatron.space.layout import Layout
 from uniap_megatron.space.strategy import Strategy
 from uniap_megatron.spec.cluster import ClusterSpec
@@ -205,7 +205,7 @@ def rerank(candidates: tuple[Solution, ...]) -> list[tuple[Solution, float]]:
         c.simulated_s if math.isfinite(c.simulated_s) else simulate_estimate(c.estimate, record=False).step_time_s
         for c in candidates
     ]
-    order = sorted(range(len(candidates)), key=lambda i: (round(simulated[i], 12), i))
+    order = sorted(range(len(candidates)), key=lambda i: (significant(simulated[i]), i))
     return [(candidates[i], simulated[i]) for i in order]
 
 

@@ -148,4 +148,6 @@ def total_params(model: ModelSpec) -> int:
         count = count + decoder_layer_params(model, kind, tp=1, ep=1)
     for _ in range(model.mtp_layers):
         count = count + mtp_layer_params(model, tp=1, ep=1)
+    if model.mtp_layers:  # the final norm's parameters that even shares leave over
+        count = count + ParamCount(_norm(model, model.hidden_size) % model.mtp_layers)
     return count.total

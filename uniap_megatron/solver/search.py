@@ -109,7 +109,8 @@ class SearchStats:
 @dataclass(frozen=True)
 class SearchResult:
     best: Solution
-    """The fastest plan in simulation; ``alternatives`` are the next ``top_k - 1``."""
+    """The fastest in simulation of the plans the search solved; ``alternatives`` are the
+    next ``top_k - 1``."""
     alternatives: tuple[Solution, ...]
     stats: SearchStats
     closed_form: tuple[Solution, ...] = ()
@@ -447,7 +448,9 @@ def _open_families(state: _Search, sized: list[tuple[Family, dict]], workers: in
     global _FORKED
     groups = sorted({(f.tp, f.cp, f.ep, f.mbs) for f, _ in sized})
     share = {g: i % max(1, workers) for i, g in enumerate(groups)}
-    forkable = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+    # Daemonic processes (a multiprocessing.Pool's workers) may not have children.
+    forkable = ("fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+                and not multiprocessing.current_process().daemon)
     if workers < 2 or len(sized) < PARALLEL_FAMILIES or not forkable:
         for f, sizes in sized:
             state.open_family(f, sizes)
