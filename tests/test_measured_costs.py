@@ -93,9 +93,47 @@ def test_step_costs_take_measured_items_and_keep_the_rest(baseline):
         assert cost.act_bytes == pytest.approx(plain.items[kind].act_bytes, rel=1e-12)
         assert cost.static_bytes == plain.items[kind].static_bytes  # exact parameter model, untouched
         assert cost.fwd.memory_bound == 0.0  # part of the measured time
-    # A shape the profile lacks (cp = 2) keeps its analytical costs.
+    # A shape the profile lacks (cp = 2) is scaled to its nearest measured shape, here by 1.
     cp2 = s.replace(cp=2, dp=max(1, s.dp // 2))
-    assert all(c.source == "analytical" for c in step_costs(req.model, req.cluster, req.train, cp2, source=source).items.values())
+    plain_cp2 = step_costs(req.model, req.cluster, req.train, cp2)
+    for kind, cost in step_costs(req.model, req.cluster, req.train, cp2, source=source).items.items():
+        assert cost.source == "scaled"
+        assert cost.time_s == pytest.approx(plain_cp2.items[kind].time_s, rel=1e-12)
+
+
+def test_shapes_the_profile_lacks_follow_the_measured_hardware(baseline, tmp_path):
+    """A GPU 1.5x slower than the analytical model in every measured shape: an unmeasured
+    shape (cp 2, or a micro-batch not profiled) is 1.5x slower too, instead of looking
+    cheap next to the measured ones."""
+    _, req, profile, _, analytical = baseline
+    slow = dataclasses.replace(profile, layers=tuple(
+        dataclasses.replace(m, fwd_s=1.5 * m.fwd_s, bwd_s=1.5 * m.bwd_s) for m in profile.layers))
+    source = ProfileSource(slow, "slow.json", req.model, req.cluster, req.train)
+    for s in (analytical.strategy.replace(cp=2, dp=max(1, analytical.strategy.dp // 2)),
+              analytical.strategy.replace(mbs=3)):
+        plain = step_costs(req.model, req.cluster, req.train, s)
+        scaled = step_costs(req.model, req.cluster, req.train, s, source=source)
+        for kind, cost in scaled.items.items():
+            a = plain.items[kind]
+            assert cost.fwd.compute == pytest.approx(1.5 * (a.fwd.compute + a.fwd.memory_bound), rel=1e-12)
+            assert cost.bwd.compute == pytest.approx(1.5 * (a.bwd.compute + a.bwd.memory_bound), rel=1e-12)
+            assert cost.fwd.tp_comm == a.fwd.tp_comm and cost.act_bytes == a.act_bytes  # communication, memory kept
+        compute = source.sources(s)["compute"]
+        assert compute.startswith("analytical scaled to the nearest measured shape for E, t, L (profile slow.json)"), compute
+    # Selective recomputation not profiled: the plain layer's ratio stands in for it.
+    plain_only = dataclasses.replace(slow, layers=tuple(m for m in slow.layers if m.key.recompute == "none"))
+    sel = analytical.strategy.replace(recompute=Recompute.SELECTIVE)
+    src = ProfileSource(plain_only, "plain.json", req.model, req.cluster, req.train)
+    a = step_costs(req.model, req.cluster, req.train, sel).items[LayerKind.DENSE]
+    cost = step_costs(req.model, req.cluster, req.train, sel, source=src).items[LayerKind.DENSE]
+    assert cost.source == "scaled"
+    assert cost.bwd.compute == pytest.approx(1.5 * (a.bwd.compute + a.bwd.memory_bound), rel=1e-12)
+    # A tp the profile never measured keeps the analytical figures, and says so.
+    unmeasured = dataclasses.replace(slow, layers=tuple(m for m in slow.layers if m.key.tp != 8))
+    s8 = analytical.strategy.replace(tp=8, sp=True)
+    src = ProfileSource(unmeasured, "partial.json", req.model, req.cluster, req.train)
+    assert all(c.source == "analytical" for c in step_costs(req.model, req.cluster, req.train, s8, source=src).items.values())
+    assert src.sources(s8)["compute"].startswith("analytical (profile partial.json has no")
 
 
 def test_a_slow_tp_in_the_profile_is_avoided(baseline, tmp_path):

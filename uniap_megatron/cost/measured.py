@@ -8,23 +8,30 @@ What a profile replaces, for a strategy whose shard shape it measured:
   outside the tensor-parallel region divided by tp under sequence parallelism;
 - every collective whose operation, group size and placement (intra- or inter-node) it
   measured: the fitted ``latency + seconds_per_byte * bytes`` replaces the ring formula.
-Parameters, weights, gradients and optimizer state stay with the exact parameter model;
-shapes and groups the profile lacks (cp > 1, a micro-batch not measured, a group larger
-than the profiled cluster) keep their analytical costs, and ``sources`` says which is which.
+Parameters, weights, gradients and optimizer state stay with the exact parameter model.
+
+A shape the profile lacks (cp > 1, a micro-batch not measured, an MTP layer) would be unfairly
+cheap or dear next to measured ones if it kept its analytical time: the analytical model
+misses the measured hardware by a factor that depends mostly on the item and its tp (1.2 to
+2.3 on one H100). So its analytical computation is scaled by measured / analytical of the
+nearest measured shape of the same item, tp and ep (cp 1, the same recomputation if
+measured, the micro-batch whose tokens per GPU are closest). Without such a shape, and for collectives the profile did
+not measure, the analytical figures stay; ``sources`` says which is which.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from uniap_megatron.cost import comm
 from uniap_megatron.cost.activations import Implementation
-from uniap_megatron.cost.items import ItemCost
+from uniap_megatron.cost.items import ItemCost, item_cost
 from uniap_megatron.errors import InputError
 from uniap_megatron.profile.format import Profile, layer_dims, load
 from uniap_megatron.profile.shapes import layer_key
-from uniap_megatron.space.strategy import Strategy
+from uniap_megatron.space.strategy import Recompute, Strategy
 from uniap_megatron.spec.cluster import ClusterSpec
 from uniap_megatron.spec.model import LayerKind, ModelSpec
 from uniap_megatron.spec.train import TrainSpec
@@ -68,7 +75,8 @@ class ProfileSource:
         self.name = Path(path).name
         where = f"profile ({path})"
         check_compatible(profile, where, model, cluster, train, impl)
-        self.profile, self.model, self.cluster, self.train = profile, model, cluster, train
+        self.profile, self.model, self.cluster, self.train, self.impl = profile, model, cluster, train, impl
+        self._ratios: dict = {}
         self._fits = {
             placement: tuple(
                 comm.CollectiveFit(op=c.key.op, size=c.key.size, latency_s=c.latency_s,
@@ -95,7 +103,8 @@ class ProfileSource:
         for kind, cost in items.items():
             m = self._measurement(s, kind)
             if m is None:
-                out[kind] = cost
+                ratios = self._ratios_for(s, kind)
+                out[kind] = cost if ratios is None else _scaled(cost, *ratios)
                 continue
             fwd = dataclasses.replace(cost.fwd, compute=m.fwd_s, memory_bound=0.0)
             bwd = dataclasses.replace(cost.bwd, compute=m.bwd_s, memory_bound=0.0)
@@ -110,17 +119,31 @@ class ProfileSource:
     def sources(self, s: Strategy) -> dict[str, str]:
         present = {LayerKind.EMBEDDING, LayerKind.LOSS, *self.model.decoder_kinds}
         kinds = [k for k in PIPELINE_ORDER if k in present]
+        if self.model.mtp_layers:
+            kinds.append(LayerKind.MTP)
         measured = [k for k in kinds if self._measurement(s, k) is not None]
         missing = [k for k in kinds if k not in measured]
+        scaled = [k for k in missing if self._ratios_for(s, k) is not None]
+        analytical = [k for k in missing if k not in scaled]
         letters = lambda ks: ", ".join(k.value for k in ks)  # noqa: E731
-        if not measured:
+        parts = []
+        if measured:
+            parts.append(f"measured for {letters(measured)}")
+        if scaled:
+            parts.append(f"analytical scaled to the nearest measured shape for {letters(scaled)}")
+        if analytical:
+            parts.append(f"analytical for {letters(analytical)}")
+        if not measured and not scaled:
             compute = f"analytical (profile {self.name} has no {s.short()} shapes)"
-            memory = "analytical"
         elif not missing:
             compute = f"measured (profile {self.name}: {letters(measured)})"
+        else:
+            compute = f"{'; '.join(parts)} (profile {self.name})"
+        if not measured:
+            memory = "analytical"
+        elif not missing:
             memory = f"activations measured (profile {self.name}); weights and optimizer state counted exactly"
         else:
-            compute = f"measured for {letters(measured)} (profile {self.name}); analytical for {letters(missing)}"
             memory = f"activations measured for {letters(measured)} (profile {self.name}), analytical for {letters(missing)}"
         return {"compute": compute, "communication": self._communication(s), "memory": memory}
 
@@ -128,6 +151,40 @@ class ProfileSource:
     def _measurement(self, s: Strategy, kind: LayerKind):
         m = self.profile.layer(layer_key(self.model, self.train, s, kind))
         return m if m is not None and m.status == "ok" else None
+
+    def _ratios_for(self, s: Strategy, kind: LayerKind) -> tuple[float, float] | None:
+        """Measured / analytical forward and backward computation of the measured shape
+        nearest to ``s``'s (see the module docstring), or None without one. An MTP layer
+        takes its inner layer's."""
+        inner = self.model.mtp_inner_kind if kind is LayerKind.MTP else kind
+        key = layer_key(self.model, self.train, s, inner)
+        cached = self._ratios.get(key, False)
+        if cached is not False:
+            return cached
+        tokens = s.mbs / s.cp
+        candidates = [
+            m for m in self.profile.layers
+            if m.status == "ok" and m.key.cp == 1
+            and (m.key.kind, m.key.tp, m.key.ep, m.key.seq) == (key.kind, key.tp, key.ep, key.seq)
+        ]
+        ratios = None
+        if candidates:
+            # The same recomputation if measured (selective changes the layer), else the other.
+            m = min(candidates, key=lambda c: (c.key.recompute != key.recompute, abs(math.log(c.key.mbs / tokens)),
+                                               c.key.mbs))
+            rec = dict(recompute=s.recompute, recompute_method=s.recompute_method,
+                       recompute_num_layers=s.recompute_num_layers)
+            if m.key.recompute != key.recompute:
+                rec = dict(recompute=Recompute(m.key.recompute))
+            # The profile's shapes run with sequence parallelism wherever tp > 1.
+            shape = Strategy(tp=s.tp, pp=1, dp=s.ep, ep=s.ep, mbs=m.key.mbs, sp=s.tp > 1, **rec)
+            links = comm.strategy_links(self.cluster, tp=s.tp, cp=1, ep=s.ep, dp=s.ep, pp=1)
+            a = item_cost(self.model, self.cluster, self.train, shape, inner, links=links, impl=self.impl)
+            fwd, bwd = a.fwd.compute + a.fwd.memory_bound, a.bwd.compute + a.bwd.memory_bound
+            if fwd > 0 and bwd > 0:
+                ratios = (m.fwd_s / fwd, m.bwd_s / bwd)
+        self._ratios[key] = ratios
+        return ratios
 
     def _communication(self, s: Strategy) -> str:
         """Which of the strategy's collectives use measured fits, which the ring formulas."""
@@ -163,3 +220,11 @@ class ProfileSource:
             if size > 1:
                 for op in ops:
                     yield group, size, link, op
+
+
+def _scaled(cost: ItemCost, fwd_ratio: float, bwd_ratio: float) -> ItemCost:
+    """An analytical item whose computation (with its memory-bound kernels, as a measured
+    time holds them) is scaled by measured / analytical of a neighbouring shape."""
+    fwd = dataclasses.replace(cost.fwd, compute=(cost.fwd.compute + cost.fwd.memory_bound) * fwd_ratio, memory_bound=0.0)
+    bwd = dataclasses.replace(cost.bwd, compute=(cost.bwd.compute + cost.bwd.memory_bound) * bwd_ratio, memory_bound=0.0)
+    return dataclasses.replace(cost, fwd=fwd, bwd=bwd, recompute_s=cost.recompute_s * fwd_ratio, source="scaled")
