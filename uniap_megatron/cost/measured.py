@@ -27,11 +27,11 @@ from pathlib import Path
 
 from uniap_megatron.cost import comm
 from uniap_megatron.cost.activations import Implementation
-from uniap_megatron.cost.items import ItemCost, item_cost
+from uniap_megatron.cost.items import ItemCost
 from uniap_megatron.errors import InputError
 from uniap_megatron.profile.format import Profile, layer_dims, load
-from uniap_megatron.profile.shapes import layer_key
-from uniap_megatron.space.strategy import Recompute, Strategy
+from uniap_megatron.profile.shapes import analytical_computation, layer_key
+from uniap_megatron.space.strategy import Strategy
 from uniap_megatron.spec.cluster import ClusterSpec
 from uniap_megatron.spec.model import LayerKind, ModelSpec
 from uniap_megatron.spec.train import TrainSpec
@@ -172,15 +172,7 @@ class ProfileSource:
             # The same recomputation if measured (selective changes the layer), else the other.
             m = min(candidates, key=lambda c: (c.key.recompute != key.recompute, abs(math.log(c.key.mbs / tokens)),
                                                c.key.mbs))
-            rec = dict(recompute=s.recompute, recompute_method=s.recompute_method,
-                       recompute_num_layers=s.recompute_num_layers)
-            if m.key.recompute != key.recompute:
-                rec = dict(recompute=Recompute(m.key.recompute))
-            # The profile's shapes run with sequence parallelism wherever tp > 1.
-            shape = Strategy(tp=s.tp, pp=1, dp=s.ep, ep=s.ep, mbs=m.key.mbs, sp=s.tp > 1, **rec)
-            links = comm.strategy_links(self.cluster, tp=s.tp, cp=1, ep=s.ep, dp=s.ep, pp=1)
-            a = item_cost(self.model, self.cluster, self.train, shape, inner, links=links, impl=self.impl)
-            fwd, bwd = a.fwd.compute + a.fwd.memory_bound, a.bwd.compute + a.bwd.memory_bound
+            fwd, bwd = analytical_computation(m.key, self.model, self.cluster, self.train, self.impl)
             if fwd > 0 and bwd > 0:
                 ratios = (m.fwd_s / fwd, m.bwd_s / bwd)
         self._ratios[key] = ratios

@@ -7,12 +7,10 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from uniap_megatron.cost import comm
 from uniap_megatron.cost.activations import Implementation
 from uniap_megatron.cost.flops import Shape, item_flops
-from uniap_megatron.cost.items import item_cost
 from uniap_megatron.profile.format import LayerKey, LayerMeasurement, Profile
-from uniap_megatron.space.strategy import Recompute, Strategy
+from uniap_megatron.profile.shapes import analytical_computation
 from uniap_megatron.spec.cluster import ClusterSpec
 from uniap_megatron.spec.model import LayerKind, ModelSpec
 from uniap_megatron.spec.train import TrainSpec
@@ -44,12 +42,7 @@ def compare(m: LayerMeasurement, model: ModelSpec, cluster: ClusterSpec, train: 
     """The analytical model's computation time for the shape that ``m`` measured."""
     k = m.key
     kind = LayerKind(k.kind)
-    s = Strategy(tp=k.tp, pp=1, cp=k.cp, ep=k.ep, dp=1, mbs=k.mbs,
-                 recompute=Recompute.SELECTIVE if k.recompute == "selective" else Recompute.NONE)
-    shaped = TrainSpec(global_batch_size=k.mbs, seq_length=k.seq, precision=train.precision)
-    links = comm.strategy_links(cluster, tp=1, cp=1, ep=1, dp=1, pp=1)
-    cost = item_cost(model, cluster, shaped, s, kind, links=links, impl=impl)
-    analytical = cost.fwd.compute + cost.fwd.memory_bound + cost.bwd.compute + cost.bwd.memory_bound
+    analytical = sum(analytical_computation(k, model, cluster, train, impl))
     flops = 3 * item_flops(model, kind, Shape(mbs=k.mbs, seq=k.seq, tp=k.tp, cp=k.cp)).total
     return Comparison(key=k, measured_s=m.fwd_s + m.bwd_s, analytical_s=analytical, model_flops=flops)
 

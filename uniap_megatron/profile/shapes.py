@@ -9,6 +9,9 @@ thousands of strategies.
 
 from __future__ import annotations
 
+from uniap_megatron.cost import comm
+from uniap_megatron.cost.activations import Implementation
+from uniap_megatron.cost.items import item_cost
 from uniap_megatron.profile.format import LayerKey
 from uniap_megatron.space.candidates import Pins, enumerate_strategies
 from uniap_megatron.space.strategy import Recompute, Strategy
@@ -84,3 +87,14 @@ def shapes_for(
             if key.recompute in recompute and unsupported(model, key) is None:
                 keys.add(key)
     return sorted(keys, key=lambda k: (k.kind, k.recompute, k.mbs / k.tp, k.tp, k.ep, k.mbs, k.seq))
+
+
+def analytical_computation(key: LayerKey, model: ModelSpec, cluster: ClusterSpec, train: TrainSpec,
+                           impl: Implementation) -> tuple[float, float]:
+    """The analytical model's forward and backward computation (FLOPs and memory-bound
+    kernels, no communication) for the shape ``key`` measures: one GPU's shard, on its own."""
+    s = Strategy(tp=key.tp, pp=1, cp=key.cp, ep=key.ep, dp=1, mbs=key.mbs, recompute=Recompute(key.recompute))
+    shaped = TrainSpec(global_batch_size=key.mbs, seq_length=key.seq, precision=train.precision)
+    links = comm.strategy_links(cluster, tp=1, cp=1, ep=1, dp=1, pp=1)
+    cost = item_cost(model, cluster, shaped, s, LayerKind(key.kind), links=links, impl=impl)
+    return cost.fwd.compute + cost.fwd.memory_bound, cost.bwd.compute + cost.bwd.memory_bound
