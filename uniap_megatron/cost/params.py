@@ -97,12 +97,21 @@ def mtp_layer_params(model: ModelSpec, *, tp: int, ep: int, pp: int = 1) -> Para
     a transformer layer and its final norm; plus its share of what the MTP stage holds once:
     the model's final norm and, with pp > 1, a copy of the word embedding (the output layer
     stays with the loss)."""
-    h, n = model.hidden_size, model.mtp_layers
+    h = model.hidden_size
     extra = 2 * _norm(model, h) + 2 * h * h // tp + _norm(model, h)
-    once = _norm(model, h)
-    if pp > 1:
-        once += model.padded_vocab_size(tp) * h // tp
-    return decoder_layer_params(model, model.mtp_inner_kind, tp=tp, ep=ep) + ParamCount(extra + once // n)
+    return decoder_layer_params(model, model.mtp_inner_kind, tp=tp, ep=ep) + ParamCount(extra + _mtp_share(model, tp=tp, pp=pp))
+
+
+def _mtp_once(model: ModelSpec, *, tp: int, pp: int) -> tuple[int, int]:
+    """What the MTP stage holds once: the model's final norm (as the items count it) and,
+    with pp > 1, a copy of the word embedding."""
+    h = model.hidden_size
+    return _norm(model, h), model.padded_vocab_size(tp) * h // tp if pp > 1 else 0
+
+
+def _mtp_share(model: ModelSpec, *, tp: int, pp: int) -> int:
+    """Each MTP layer's even share of :func:`_mtp_once`."""
+    return sum(_mtp_once(model, tp=tp, pp=pp)) // model.mtp_layers
 
 
 def stage_params(model: ModelSpec, stages: list[list[LayerKind]], *, tp: int, ep: int, pp: int) -> list[int]:
@@ -118,9 +127,8 @@ def stage_params(model: ModelSpec, stages: list[list[LayerKind]], *, tp: int, ep
     n = model.mtp_layers
     if not n:
         return totals
-    norm = _norm(model, model.hidden_size)
-    copy = model.padded_vocab_size(tp) * model.hidden_size // tp if pp > 1 else 0
-    share = (norm + copy) // n
+    norm, copy = _mtp_once(model, tp=tp, pp=pp)
+    share = _mtp_share(model, tp=tp, pp=pp)
     decoder = (LayerKind.DENSE, LayerKind.MOE)
     for i, items in enumerate(stages):
         held = items.count(LayerKind.MTP)
@@ -148,6 +156,6 @@ def total_params(model: ModelSpec) -> int:
         count = count + decoder_layer_params(model, kind, tp=1, ep=1)
     for _ in range(model.mtp_layers):
         count = count + mtp_layer_params(model, tp=1, ep=1)
-    if model.mtp_layers:  # the final norm's parameters that even shares leave over
-        count = count + ParamCount(_norm(model, model.hidden_size) % model.mtp_layers)
+    if model.mtp_layers:  # what the even shares leave over
+        count = count + ParamCount(sum(_mtp_once(model, tp=1, pp=1)) - model.mtp_layers * _mtp_share(model, tp=1, pp=1))
     return count.total
