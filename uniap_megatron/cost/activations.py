@@ -157,7 +157,7 @@ def local_decoder_layer_bytes(
 
 
 def mlp_bytes(model: ModelSpec, ffn: int, shape: ActShape, *, tokens_factor: float = 1.0) -> float:
-    t, h = shape.tokens, model.hidden_size
+    t = shape.tokens
     fc1_out = ffn * (2 if model.gated_linear_unit else 1)
     # The activation function's input (fc1's output) and its output (fc2's input).
     per_token = BF16 * fc1_out / shape.tp + shape.gemm_input * ffn / shape.tp

@@ -67,7 +67,8 @@ FWD, BWD = 0, 1
 
 class _Calls:
     """Every p2p call of the iteration, in flat lists indexed by call id. A call is one
-    group of sends and receives; its messages run concurrently, a rank's calls in order."""
+    group of sends and receives; its messages run concurrently, a rank's calls in order.
+    It holds the schedule only: each simulation keeps its own times."""
 
     def __init__(self) -> None:
         self.rank: list[int] = []
@@ -75,14 +76,9 @@ class _Calls:
         self.previous: list[int] = []
         self.following: list[int] = []
         self.messages: list[dict[tuple[int, int], int]] = []  # (op, kind) -> message id
-        self.post: list[float | None] = []
-        self.start: list[float | None] = []
-        self.end: list[float | None] = []
         # messages
         self.sender: list[int] = []
         self.receiver: list[int] = []
-        self.msg_start: list[float | None] = []
-        self.msg_end: list[float | None] = []
 
     def add(self, rank: int, ops: list, previous: int) -> int:
         c = len(self.rank)
@@ -91,9 +87,6 @@ class _Calls:
         self.previous.append(previous)
         self.following.append(-1)
         self.messages.append({})
-        self.post.append(None)
-        self.start.append(None)
-        self.end.append(None)
         if previous >= 0:
             self.following[previous] = c
         return c
@@ -102,8 +95,6 @@ class _Calls:
         m = len(self.sender)
         self.sender.append(sender)
         self.receiver.append(receiver)
-        self.msg_start.append(None)
-        self.msg_end.append(None)
         self.messages[sender][(SEND, kind)] = m
         self.messages[receiver][(RECV, kind)] = m
 

@@ -427,7 +427,7 @@ class CountProgram(_Program):
                  first ones of the stage: rho[i, j] fills runs in order (binary g[i, j]).
         uniform: every layer recomputed; ceil(t_i / k) group inputs kept.
         """
-        prob, s = self.prob, self.s
+        s = self.s
         runs = range(len(self.runs))
         rec_time, kept = {}, {}
         for i in range(self.S):
