@@ -43,6 +43,8 @@ class Link:
     """Measured collectives on this kind of link; the ring formulas cover the rest."""
 
     def fit(self, op: str, size: int) -> CollectiveFit | None:
+        if not self.fits:  # the analytical links, on every collective the search prices
+            return None
         return next((f for f in self.fits if f.op == op and f.size == size), None)
 
 

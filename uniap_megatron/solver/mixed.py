@@ -112,7 +112,9 @@ def composition_floor(rows: np.ndarray, model: ModelSpec, chunk: int = 64) -> fl
     model has MTP layers, exactly one of them holds those; inf when none does.
 
     Candidates are the values in ``rows`` from a relaxed floor up (any composition per
-    rank), tried ``chunk`` at a time: the answer is usually in the first few."""
+    rank), tried ``chunk`` at a time: the answer is usually in the first few. The first
+    batch also tries the largest candidate, so that a floor that is infinite (nothing fits
+    at any Z) costs one batch instead of a scan of them all."""
     from uniap_megatron.solver.bounds import slowest_rank_floor
 
     L = model.num_layers
@@ -137,8 +139,9 @@ def composition_floor(rows: np.ndarray, model: ModelSpec, chunk: int = 64) -> fl
     order = np.moveaxis(lowest_after, -2, -1)  # [m, r, d, T]
     row_id = np.arange(order[..., 0].size).reshape(order.shape[:-1])
     row_start = row_id * (L + 1)
-    for start in range(0, len(zs), chunk):
-        z = zs[start : start + chunk]
+
+    def first_hit(z: np.ndarray) -> int | None:
+        """Index of the first of the (sorted) values ``z`` at which the ranks hold it all."""
         stride = len(z) + 1
         keys = (row_id[..., None] * stride + np.searchsorted(z, order, side="left")).ravel()
         count = np.searchsorted(keys, (row_id[..., None] * stride + np.arange(len(z))).ravel(), side="right")
@@ -151,8 +154,24 @@ def composition_floor(rows: np.ndarray, model: ModelSpec, chunk: int = 64) -> fl
             add = best[m_from[:, None, :, None], d_from[None, :, None, :]] + most[:, r][None, None]
             best[:M, : D + 1] = np.maximum(add.max(axis=(2, 3)), NONE)
         hit = np.nonzero(best[M - 1, D] >= L)[0]
-        if len(hit):
-            return float(z[hit[0]])
+        return int(hit[0]) if len(hit) else None
+
+    if len(zs) > chunk:
+        # Holding everything only gets easier as Z rises: no hit at the largest, no floor.
+        first = np.concatenate([zs[: chunk - 1], zs[-1:]])
+        hit = first_hit(first)
+        if hit is None:
+            return math.inf
+        if hit < chunk - 1:
+            return float(first[hit])
+        start = chunk - 1
+    else:
+        start = 0
+    for start in range(start, len(zs), chunk):
+        z = zs[start : start + chunk]
+        hit = first_hit(z)
+        if hit is not None:
+            return float(z[hit])
     return math.inf
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 
 from uniap_megatron.errors import InputError
 
@@ -138,9 +139,10 @@ class ModelSpec:
     def is_moe(self) -> bool:
         return self.num_moe_experts is not None
 
-    @property
+    @cached_property
     def decoder_kinds(self) -> tuple[LayerKind, ...]:
-        """Kind of every decoder layer, in order (megatron-core's moe_layer_freq semantics)."""
+        """Kind of every decoder layer, in order (megatron-core's moe_layer_freq semantics).
+        Cached: the search asks for it on every bound, and the spec is frozen."""
         if not self.is_moe:
             return (LayerKind.DENSE,) * self.num_layers
         freq = self.moe_layer_freq
