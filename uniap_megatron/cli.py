@@ -109,12 +109,15 @@ def _progress_bar(enabled: bool):
     progress = Progress(
         TextColumn("searching strategies"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[best]}"), console=Console(stderr=True), transient=True,
+        # Redrawn on each update rather than by a refresh thread: the search forks helper
+        # processes only while it is the sole thread.
+        auto_refresh=False,
     )
     task = progress.add_task("search", total=None, best="")
 
     def update(done: int, total: int, best) -> None:
         text = f"best {best.estimate.step_time_s:.3f} s ({best.strategy.short()})" if best else ""
-        progress.update(task, completed=done, total=total, best=text)
+        progress.update(task, completed=done, total=total, best=text, refresh=True)
 
     return progress, update
 

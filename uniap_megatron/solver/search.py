@@ -20,16 +20,15 @@ import heapq
 import itertools
 import math
 import multiprocessing
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from uniap_megatron.cost.activations import Implementation
 from uniap_megatron.cost.items import CostSource, StepCosts, step_costs
-from uniap_megatron.cost.simulate import simulate_estimate
 from uniap_megatron.cost.step import Estimate, evaluate
 from uniap_megatron.errors import InfeasibleError
+from uniap_megatron.solver.background import Simulations, forkable
 from uniap_megatron.solver.bounds import (
     Layers,
     LayerTimes,
@@ -179,6 +178,7 @@ class _Search:
         self.stats = dict(memory=0, bound=0, solved=0, infeasible=0, unsolved=0, mips=0, bounds=0)
         self.solver_time, self.max_gap, self.statuses = 0.0, 0.0, set()
         self.memory_pruned: list[tuple[float, tuple, Strategy]] = []
+        self.sims = Simulations(self.simulated, use_helper=options.workers >= 2)
 
     # ---------------------------------------------------------------- helpers
     def costs(self, s: Strategy) -> StepCosts:
@@ -210,9 +210,17 @@ class _Search:
         return max(distinct[self.options.top_k - 1].estimate.step_time_s, self.best_simulated)
 
     def add(self, solution: Solution) -> None:
-        simulated = simulate_estimate(solution.estimate, record=False).step_time_s
-        self.best_simulated = min(self.best_simulated, simulated)
-        self.found.append(dataclasses.replace(solution, simulated_s=simulated))
+        """Keep a solved plan and start its simulation. The simulations of the plans found
+        before it are read now: the latest one runs while the next strategies are solved
+        (on a second core when there is one), and the cutoff counts it from the next plan
+        found on, with or without a second core."""
+        self.sims.settle()
+        self.found.append(solution)
+        self.sims.submit(len(self.found) - 1, solution.estimate)
+
+    def simulated(self, index: int, step_s: float) -> None:
+        self.best_simulated = min(self.best_simulated, step_s)
+        self.found[index] = dataclasses.replace(self.found[index], simulated_s=step_s)
 
     # --------------------------------------------------------------- opening
     def open_family(self, f: Family, sizes: dict) -> None:
@@ -378,6 +386,10 @@ class _Search:
                     progress(opened, opened + len(self.heap), best)
         return None, True
 
+    def finish(self) -> None:
+        """Read every simulation still running."""
+        self.sims.settle()
+
 
 def search(
     model: ModelSpec,
@@ -402,7 +414,11 @@ def search(
     _open_families(state, sized, options.workers)
     if not enumerated:
         raise explain_empty(model, cluster, train, pins)
-    open_bound, complete = state.run(progress)
+    try:
+        open_bound, complete = state.run(progress)
+        state.finish()
+    finally:
+        state.sims.close()
     pruned = sum(node.size for node in state.heap)
     if not state.found:
         if not complete:
@@ -448,10 +464,7 @@ def _open_families(state: _Search, sized: list[tuple[Family, dict]], workers: in
     global _FORKED
     groups = sorted({(f.tp, f.cp, f.ep, f.mbs) for f, _ in sized})
     share = {g: i % max(1, workers) for i, g in enumerate(groups)}
-    # Daemonic processes (a multiprocessing.Pool's workers) may not have children.
-    forkable = ("fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
-                and not multiprocessing.current_process().daemon)
-    if workers < 2 or len(sized) < PARALLEL_FAMILIES or not forkable:
+    if workers < 2 or len(sized) < PARALLEL_FAMILIES or not forkable():
         for f, sizes in sized:
             state.open_family(f, sizes)
         return
