@@ -409,7 +409,7 @@ def search(
     check_pins(model, cluster, train, pins)
     state = _Search(model, cluster, train, pins, options)
     families = list(strategy_families(model, cluster, train, pins))
-    sized = [(f, sizes) for f in families if any((sizes := family_sizes(model, train, pins, f)).values())]
+    sized = [(f, sizes) for f, sizes in zip(families, family_sizes(model, train, pins, families)) if any(sizes.values())]
     enumerated = sum(sum(sizes.values()) for _, sizes in sized)
     _open_families(state, sized, options.workers)
     if not enumerated:

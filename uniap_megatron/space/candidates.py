@@ -331,24 +331,40 @@ def family_size(
 ) -> int:
     """How many strategies :func:`family_strategies` yields (those with ``sp`` and
     ``recompute`` when given), without building them all."""
-    return sum(n for (with_sp, rec), n in family_sizes(model, train, pins, family).items()
+    (sizes,) = family_sizes(model, train, pins, [family])
+    return sum(n for (with_sp, rec), n in sizes.items()
                if (sp is None or with_sp == sp) and (recompute is None or rec is recompute))
 
 
-def family_sizes(model: ModelSpec, train: TrainSpec, pins: Pins, family: Family) -> dict[tuple[bool, Recompute], int]:
-    """Members of a family per (sp, recompute granularity). Validity splits into the
-    pipeline shape (vpp, sp) and the recompute choice, so nothing is built per member."""
-    f = family
+def family_sizes(
+    model: ModelSpec, train: TrainSpec, pins: Pins, families: list[Family],
+) -> list[dict[tuple[bool, Recompute], int]]:
+    """Members of each family per (sp, recompute granularity). Validity splits into the
+    pipeline shape (vpp, sp) and the recompute choice, so nothing is built per member,
+    and each shape is checked once for all the families (expert sizes) that share it."""
     distopts = len(_options(pins.distributed_optimizer, [True]))
-    out = {(sp, rec): 0 for sp in f.sps for rec in f.recomputes}
-    for vpp in f.vpps:
-        max_stage_layers = -(-model.num_layers // (f.pp * vpp))
-        for sp in f.sps:
-            shape = Strategy(tp=f.tp, pp=f.pp, vpp=vpp, cp=f.cp, ep=f.ep, dp=f.dp, sp=sp, mbs=f.mbs)
-            if not _shape_valid(train, shape):
-                continue
-            for rec in f.recomputes:
-                out[sp, rec] += _valid_recomputes(pins, max_stage_layers, rec) * distopts
+    shapes: dict[tuple, bool] = {}
+    recomputes: dict[int, dict[Recompute, int]] = {}
+    out = []
+    for f in families:
+        sizes = {(sp, rec): 0 for sp in f.sps for rec in f.recomputes}
+        for vpp in f.vpps:
+            max_stage_layers = -(-model.num_layers // (f.pp * vpp))
+            counts = recomputes.get(max_stage_layers)
+            if counts is None:
+                counts = recomputes[max_stage_layers] = {
+                    rec: _valid_recomputes(pins, max_stage_layers, rec) for rec in Recompute
+                }
+            for sp in f.sps:
+                key = (f.tp, f.pp, vpp, f.cp, f.dp, sp, f.mbs)
+                valid = shapes.get(key)
+                if valid is None:
+                    shape = Strategy(tp=f.tp, pp=f.pp, vpp=vpp, cp=f.cp, ep=f.ep, dp=f.dp, sp=sp, mbs=f.mbs)
+                    valid = shapes[key] = _shape_valid(train, shape)  # ep plays no part
+                if valid:
+                    for rec in f.recomputes:
+                        sizes[sp, rec] += counts[rec] * distopts
+        out.append(sizes)
     return out
 
 
