@@ -217,53 +217,52 @@ class RankSide:
         return first
 
     # ----------------------------------------------------------- block mode
-    def block_options(self, T: int, level: int) -> tuple[np.ndarray, dict]:
-        """Which R fit at this level (bool over 0..T), with a split each: the special chunks
-        enumerated, the plain ones split canonically (for the linear modes that is filling
-        from the back: R is 0 or T)."""
+    def block_options(self, T: int, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """Which R fit at this level (bool over 0..T), with a split each (row R of the
+        second array): the special chunks enumerated, the plain ones split canonically
+        (for the linear modes that is filling from the back: R is 0 or T)."""
         key = (T, level)
         hit = self._block_cache.get(key)
         if hit is not None:
             return hit
-        n, caps = self.n, self.caps(level)
+        n, caps, mode = self.n, self.caps(level), self.inst.mode
         ranges = [range(self.lead if k == 0 else 0, min(int(caps[k]), T) + 1) for k in self.special]
         plain_cap = int(caps[self.plain[0]]) if self.plain else 0
         m = len(self.plain)
-        rows, recs = [], []
-        for combo in itertools.product(*ranges):
-            rest = T - sum(combo)
-            if rest < 0 or rest > m * plain_cap:
-                continue
-            r_special = sum(min(n, c) for c in combo)
-            if self.inst.mode is Mode.KEEP:
-                r_plain = np.array([0])
-            elif self.inst.mode is Mode.UNIFORM:
-                r_plain = np.array([rest])
-            else:
-                r_plain = np.arange(0, rest + 1)
-            part = canonical_block(rest, r_plain, m, plain_cap, n)
-            if part is None:
-                continue
+        combos = list(itertools.product(*ranges))
+        combos = np.array(combos, dtype=int).reshape(len(combos), len(self.special))
+        rests = T - combos.sum(axis=1)
+        r_specials = np.minimum(n, combos).sum(axis=1)
+        # One row per (combination, R of the plain chunks), in that order: the first row
+        # that fits sets the split of its R.
+        combo = np.nonzero((rests >= 0) & (rests <= m * plain_cap))[0]
+        per_combo = rests[combo] + 1 if mode is Mode.BLOCK else np.ones(len(combo), dtype=int)
+        combo = np.repeat(combo, per_combo)
+        rest = rests[combo]
+        if mode is Mode.KEEP:
+            r_plain = np.zeros(len(combo), dtype=int)
+        elif mode is Mode.UNIFORM:
+            r_plain = rest
+        else:  # 0..rest for each combination
+            r_plain = np.arange(len(combo)) - np.repeat(np.cumsum(per_combo) - per_combo, per_combo)
+        if m:
+            part = canonical_block(rest[:, None], r_plain, m, plain_cap, n)
             good = part.sum(axis=1) == rest
-            if not good.any():
-                continue
-            part = part[good]
-            full = np.zeros((len(part), self.v), dtype=int)
-            for k, c in zip(self.special, combo):
-                full[:, k] = c
-            if m:
-                full[:, self.plain[0] : self.plain[-1] + 1] = part
-            rows.append(full)
-            recs.append(r_plain[good] + r_special)
+        else:
+            part = np.zeros((len(combo), 0), dtype=int)
+            good = rest == 0
+        combo, part, recs = combo[good], part[good], r_plain[good] + r_specials[combo[good]]
         feasible = np.zeros(T + 1, dtype=bool)
-        splits: dict[int, tuple[int, ...]] = {}
-        if rows:
-            allrows, allrec = np.concatenate(rows), np.concatenate(recs)
-            fits = self.peak(allrows, T) <= self.inst.capacity * FIT
-            for row, r in zip(allrows[fits], allrec[fits]):
-                if not feasible[r]:
-                    feasible[r] = True
-                    splits[int(r)] = tuple(int(x) for x in row)
+        splits = np.zeros((T + 1, self.v), dtype=int)
+        if len(combo):
+            rows = np.zeros((len(combo), self.v), dtype=int)
+            rows[:, self.special] = combos[combo]
+            if m:
+                rows[:, self.plain[0] : self.plain[-1] + 1] = part
+            fits = self.peak(rows, T) <= self.inst.capacity * FIT
+            firsts, where = np.unique(recs[fits], return_index=True)
+            feasible[firsts] = True
+            splits[firsts] = rows[fits][where]
         hit = (feasible, splits)
         self._block_cache[key] = hit
         return hit
@@ -282,9 +281,10 @@ class RankSide:
         return min(int(np.searchsorted(every, T, side="left")), len(self.levels) - 1)
 
 
-def canonical_block(total: int, recs: np.ndarray, m: int, cap: int, n: int) -> np.ndarray | None:
+def canonical_block(total, recs: np.ndarray, m: int, cap: int, n: int) -> np.ndarray | None:
     """Rows (one per R in ``recs``) of counts on ``m`` equal chunks of capacity ``cap``
     holding ``total`` layers with R recomputed; rows that cannot exist have a wrong sum.
+    ``total`` is one count, or a column of counts, one per row.
 
     From the last chunk backwards: full chunks ``cap``, one partly filled chunk ``n + y``,
     chunks of ``n``, one of ``x < n``, then empty ones."""
@@ -527,7 +527,7 @@ class Ranks:
         if level == -1:
             level = side.top_level(T)
         _, splits = side.block_options(T, level)
-        return splits[R]
+        return tuple(int(x) for x in splits[R])
 
 
 class SideCache:
