@@ -48,9 +48,10 @@ def _serve(conn: Connection) -> None:
 class Simulations:
     """Simulated steps of solved plans, settled in submission order.
 
-    ``submit`` starts a simulation; ``settle`` waits for every simulation submitted so
-    far and hands each result to ``on_result`` in order. Between the two the search
-    must not read them: that keeps its course independent of timing."""
+    ``submit`` starts a simulation; ``settle`` waits for the simulations submitted so far
+    (all, or all but the latest few) and hands each result to ``on_result`` in order.
+    Between the two the search must not read them: that keeps its course independent of
+    timing."""
 
     def __init__(self, on_result: Callable[[int, float], None], *, use_helper: bool = True):
         self.on_result = on_result
@@ -71,8 +72,10 @@ class Simulations:
         else:
             self.pending.append((key, _simulated_step(estimate)))
 
-    def settle(self) -> None:
-        for key, item in self.pending:
+    def settle(self, keep: int = 0) -> None:
+        """Read the results of all but the ``keep`` latest simulations."""
+        done, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        for key, item in done:
             if isinstance(item, float):
                 self.on_result(key, item)
                 continue
@@ -82,7 +85,6 @@ class Simulations:
                 self.close()
                 raise value
             self.on_result(key, value)
-        self.pending.clear()
 
     def _helper(self) -> bool:
         if self.conn is not None:

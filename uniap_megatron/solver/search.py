@@ -211,10 +211,11 @@ class _Search:
 
     def add(self, solution: Solution) -> None:
         """Keep a solved plan and start its simulation. The simulations of the plans found
-        before it are read now: the latest one runs while the next strategies are solved
-        (on a second core when there is one), and the cutoff counts it from the next plan
-        found on, with or without a second core."""
-        self.sims.settle()
+        two or more plans before it are read now: the latest ones run while the next
+        strategies are solved (on a second core when there is one), and the cutoff counts a
+        plan's simulated step from the second plan found after it on, with or without a
+        second core."""
+        self.sims.settle(keep=1)
         self.found.append(solution)
         self.sims.submit(len(self.found) - 1, solution.estimate)
 
