@@ -137,21 +137,24 @@ def test_search_inside_a_daemonic_worker_bounds_in_one_process():
         assert pool.map(_plan_in_a_pool_worker, [0]) == [here]
 
 
-def test_simulations_in_a_helper_process_change_nothing(monkeypatch):
-    """Each solved plan may be simulated in a forked helper while the search goes on; the
-    search reads the result at the same point either way, so the plan and the statistics
-    are those of one process."""
+def test_work_in_a_helper_process_changes_nothing(monkeypatch):
+    """A forked helper simulates solved plans and refines a share of the keys while the
+    search goes on; the search reads its results at the same points either way, so the
+    plan and the statistics are those of one process."""
     import uniap_megatron.solver.background as background
+    import uniap_megatron.solver.search as module
 
     monkeypatch.setattr(background, "HELPER_OPS", 0)  # every schedule goes to the helper
+    monkeypatch.setattr(module, "REFINE_BATCH_NODES", 0)  # keys are refined in batches
     forked = []
-    start = background.Simulations._helper
-    monkeypatch.setattr(background.Simulations, "_helper", lambda self: forked.append(start(self)) or forked[-1])
+    available = background.Helper.available
+    monkeypatch.setattr(background.Helper, "available",
+                        property(lambda self: forked.append(available.fget(self)) or forked[-1]))
     req = request("model=llama3_70b", "cluster.num_nodes=8", "train.global_batch_size=128")
     plans, stats = [], []
     for workers in (1, 2):
         result = search(req.model, req.cluster, req.train, req.pins, SearchOptions(workers=workers))
         plans.append(Plan.from_search(result, req.model, req.cluster, req.train).to_json(with_timing=False))
         stats.append(dataclasses.replace(result.stats, wall_s=0.0, solver_time_s=0.0))
-    assert False in forked and True in forked, "the first search simulated in place, the second in the helper"
+    assert False in forked and True in forked, "the first search worked alone, the second with the helper"
     assert plans[0] == plans[1] and stats[0] == stats[1]

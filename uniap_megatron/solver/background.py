@@ -1,24 +1,27 @@
-"""Work the search hands to a second core: simulations of the plans it has solved.
+"""Work the search hands to a second core: pure functions of its state.
 
-A forked helper process simulates each solved plan while the search goes on solving the
-next strategies. The search reads a simulated step only at fixed points of its own
-progress (:class:`Simulations`), never as soon as it happens to arrive, so the plan is
-the same with or without the helper, on one core or many.
+A forked helper process runs jobs in the order they are sent: simulations of the plans
+the search has solved, and a share of the keys it refines. The search reads a simulated
+step only at fixed points of its own progress (:class:`Simulations`), and a refined bound
+is the same number wherever it is computed (:class:`Shared`), so the plan is the same with
+or without the helper, on one core or many.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import Any
 
 from uniap_megatron.cost.simulate import simulate_estimate
 from uniap_megatron.cost.step import Estimate
 
 HELPER_OPS = 4096
-"""Schedules of fewer passes (pp * vpp * micro-batches) are simulated in place: a fork
-costs more than simulating them."""
+"""Schedules of fewer passes (pp * vpp * micro-batches) are simulated in place: sending
+them costs about as much as simulating them."""
 
 
 def forkable() -> bool:
@@ -29,20 +32,98 @@ def forkable() -> bool:
             and not multiprocessing.current_process().daemon)
 
 
-def _simulated_step(estimate: Estimate) -> float:
+def simulated_step(estimate: Estimate) -> float:
     return simulate_estimate(estimate, record=False).step_time_s
 
 
-def _serve(conn: Connection) -> None:
-    """The helper's loop: an estimate in, its simulated step (or the error) out."""
+def _serve(conn: Connection, jobs: dict[str, Callable[[Any], Any]]) -> None:
+    """The helper's loop: (job kind, argument) in, (ok, result or error) out. An
+    interruption is the search's to handle (it stops the helper); a search that is gone
+    ends the loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
-        estimate = conn.recv()
-        if estimate is None:
-            return
         try:
-            conn.send((True, _simulated_step(estimate)))
-        except Exception as err:  # the search re-raises it as its own
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        kind, argument = message
+        try:
+            conn.send((True, jobs[kind](argument)))
+        except Exception as err:  # the caller decides: re-raise, or compute it itself
             conn.send((False, err))
+
+
+class Helper:
+    """One forked process that runs ``jobs[kind](argument)`` in the order sent. It is
+    forked on first use, from the state the caller has then (``jobs`` may be bound
+    methods of it); ``available`` is False where this process may not fork."""
+
+    def __init__(self, jobs: dict[str, Callable[[Any], Any]], *, enabled: bool = True):
+        self.jobs, self.enabled = jobs, enabled
+        self.conn: Connection | None = None
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.sent = self.received = 0
+        self.results: dict[int, tuple[bool, Any]] = {}
+
+    @property
+    def available(self) -> bool:
+        if self.conn is None and self.enabled and forkable():
+            parent, child = multiprocessing.get_context("fork").Pipe()
+            self.process = multiprocessing.get_context("fork").Process(
+                target=_serve, args=(child, self.jobs), daemon=True)
+            self.process.start()
+            child.close()
+            self.conn = parent
+        self.enabled = self.conn is not None
+        return self.enabled
+
+    @property
+    def backlog(self) -> int:
+        """Jobs sent whose results have not come back."""
+        return self.sent - self.received
+
+    def send(self, kind: str, argument: Any) -> int | None:
+        """Queue a job; returns its ticket, or None when the helper is not there (any more)."""
+        if self.conn is None:
+            return None
+        try:
+            self.conn.send((kind, argument))
+        except OSError:  # the helper was lost
+            self.close()
+            return None
+        self.sent += 1
+        return self.sent - 1
+
+    def take(self, ticket: int) -> tuple[bool, Any]:
+        """The job's (ok, result or error), waiting for it if need be; (False, the error)
+        for every job still out when the helper is lost, whose work the caller redoes."""
+        if self.conn is None:
+            return False, EOFError("the helper process was lost")
+        try:
+            while ticket >= self.received:
+                self.results[self.received] = self.conn.recv()
+                self.received += 1
+        except (EOFError, OSError) as err:
+            self.close()
+            return False, err
+        return self.results.pop(ticket)
+
+    def close(self) -> None:
+        """Stop the helper; results not taken yet are lost."""
+        if self.conn is None:
+            return
+        if self.backlog or not self.process.is_alive():
+            self.process.kill()  # an error, an interruption or a lost helper: no more work
+        else:
+            self.conn.send(None)
+        self.process.join()
+        self.conn.close()
+        self.conn = self.process = None
+        self.enabled = False
+        self.sent = self.received = 0
+        self.results.clear()
 
 
 class Simulations:
@@ -53,60 +134,49 @@ class Simulations:
     Between the two the search must not read them: that keeps its course independent of
     timing."""
 
-    def __init__(self, on_result: Callable[[int, float], None], *, use_helper: bool = True):
-        self.on_result = on_result
-        self.use_helper = use_helper
-        self.pending: list[tuple[int, Estimate | float]] = []
-        self.conn: Connection | None = None
-        self.process: multiprocessing.process.BaseProcess | None = None
-        self.in_helper = 0
-        """How many of ``pending`` (the oldest ones) the helper is working on."""
+    def __init__(self, helper: Helper, on_result: Callable[[int, float], None]):
+        self.helper, self.on_result = helper, on_result
+        self.pending: list[tuple[int, int | None, Estimate | float]] = []
+        """(key, helper ticket and the estimate, or None and the simulated step)."""
 
     def submit(self, key: int, estimate: Estimate) -> None:
         pp = len(estimate.ranks)
         vpp = len(estimate.stages) // pp
-        if pp > 1 and pp * vpp * estimate.num_microbatches >= HELPER_OPS and self._helper():
-            self.conn.send(estimate)
-            self.pending.append((key, estimate))
-            self.in_helper += 1
+        ticket = None
+        if pp > 1 and pp * vpp * estimate.num_microbatches >= HELPER_OPS and self.helper.available:
+            ticket = self.helper.send("simulate", estimate)
+        if ticket is not None:
+            self.pending.append((key, ticket, estimate))
         else:
-            self.pending.append((key, _simulated_step(estimate)))
+            self.pending.append((key, None, simulated_step(estimate)))
 
     def settle(self, keep: int = 0) -> None:
         """Read the results of all but the ``keep`` latest simulations."""
         done, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
-        for key, item in done:
-            if isinstance(item, float):
-                self.on_result(key, item)
-                continue
-            ok, value = self.conn.recv()
-            self.in_helper -= 1
-            if not ok:
-                self.close()
-                raise value
+        for key, ticket, value in done:
+            if ticket is not None:
+                ok, result = self.helper.take(ticket)
+                if not ok and not isinstance(result, (EOFError, OSError)):
+                    raise result
+                value = result if ok else simulated_step(value)  # the helper was lost: redo it
             self.on_result(key, value)
 
-    def _helper(self) -> bool:
-        if self.conn is not None:
-            return True
-        if not (self.use_helper and forkable()):
-            return False
-        parent, child = multiprocessing.get_context("fork").Pipe()
-        self.process = multiprocessing.get_context("fork").Process(target=_serve, args=(child,), daemon=True)
-        self.process.start()
-        child.close()
-        self.conn = parent
-        return True
 
-    def close(self) -> None:
-        """Stop the helper; results not settled yet are dropped."""
-        if self.conn is None:
-            return
-        if self.in_helper:
-            self.process.kill()  # an error or an interruption: its work is not wanted
-        else:
-            self.conn.send(None)
-        self.process.join()
-        self.conn.close()
-        self.conn = self.process = None
-        self.in_helper = 0
+class Shared:
+    """A pure function of the search's state, evaluated over a batch of arguments by this
+    process and, when it is idle, the helper together (the same numbers either way)."""
+
+    def __init__(self, helper: Helper, kind: str, compute: Callable[[Any], Any]):
+        self.helper, self.kind, self.compute = helper, kind, compute
+
+    def map(self, arguments: list) -> list:
+        half = len(arguments) // 2
+        if not half or self.helper.backlog or not self.helper.available:
+            return [self.compute(a) for a in arguments]
+        tickets = [self.helper.send(self.kind, a) for a in arguments[half:]]
+        mine = [self.compute(a) for a in arguments[:half]]
+        theirs = []
+        for argument, ticket in zip(arguments[half:], tickets):
+            ok, value = self.helper.take(ticket) if ticket is not None else (False, None)
+            theirs.append(value if ok else self.compute(argument))  # errors surface here
+        return mine + theirs

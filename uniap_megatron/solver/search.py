@@ -28,7 +28,7 @@ from uniap_megatron.cost.activations import Implementation
 from uniap_megatron.cost.items import CostSource, StepCosts, step_costs
 from uniap_megatron.cost.step import Estimate, evaluate
 from uniap_megatron.errors import InfeasibleError
-from uniap_megatron.solver.background import Simulations, forkable
+from uniap_megatron.solver.background import Helper, Shared, Simulations, forkable, simulated_step
 from uniap_megatron.solver.bounds import (
     Layers,
     LayerTimes,
@@ -156,6 +156,8 @@ class _Node:
     costs: StepCosts | None = field(compare=False, default=None)
     size: int = field(compare=False, default=0)
     refined: bool = field(compare=False, default=False)
+    stale: bool = field(compare=False, default=False)
+    """Superseded by its refined copy (refined ahead of its turn); skipped when popped."""
 
 
 class _Search:
@@ -178,7 +180,9 @@ class _Search:
         self.stats = dict(memory=0, bound=0, solved=0, infeasible=0, unsolved=0, mips=0, bounds=0)
         self.solver_time, self.max_gap, self.statuses = 0.0, 0.0, set()
         self.memory_pruned: list[tuple[float, tuple, Strategy]] = []
-        self.sims = Simulations(self.simulated, use_helper=options.workers >= 2)
+        self.helper = Helper({"simulate": simulated_step, "refine": self.refined_bound}, enabled=options.workers >= 2)
+        self.sims = Simulations(self.helper, self.simulated)
+        self.refines = Shared(self.helper, "refine", self.refined_bound)
 
     # ---------------------------------------------------------------- helpers
     def costs(self, s: Strategy) -> StepCosts:
@@ -280,14 +284,26 @@ class _Search:
             loose = self.loose[key] = loosest(sorted(recs, key=lambda x: (x.kind, x.lo, x.hi_per_rank, x.ckpt_divisor)))
         return loose
 
-    def refine_key(self, node: _Node) -> None:
+    def refine_keys(self, node: _Node) -> None:
         """A key's first bound reads shared item times only; before its shapes are built,
-        bound it again with its own costs (communication, layer kinds, MTP placement)."""
-        f = node.family
-        members = [s for s in self.family_members(f) if s.sp == node.sp and s.recompute is node.recompute]
+        bound it again with its own costs (communication, layer kinds, MTP placement). In a
+        large space the next keys in line are refined with it, half of them by the helper
+        when it is idle; their unrefined nodes stay behind, stale. Refining a key early
+        changes no bound, so the search takes the same course."""
+        batch = [node]
+        if len(self.heap) >= REFINE_BATCH_NODES:
+            soon = heapq.nsmallest(2 * REFINE_BATCH, self.heap)
+            batch += [n for n in soon if n.kind == "key" and not n.refined and not n.stale][: REFINE_BATCH - 1]
+        bounds = self.refines.map([(n.family, n.sp, n.recompute) for n in batch])
+        for n, bound in zip(batch, bounds):
+            n.stale = n is not node
+            self.push(dataclasses.replace(n, bound=max(n.bound, bound), refined=True, stale=False))
+
+    def refined_bound(self, key: tuple[Family, bool, Recompute]) -> float:
+        f, sp, rec = key
+        members = [s for s in self.family_members(f) if s.sp == sp and s.recompute is rec]
         costs = self.costs(members[0])
-        bound = shapes_bound(costs, self.model, self.capacity, f.vpps, self._variants(f, node.recompute))
-        self.push(dataclasses.replace(node, bound=max(node.bound, bound), refined=True))
+        return shapes_bound(costs, self.model, self.capacity, f.vpps, self._variants(f, rec))
 
     def open_key(self, node: _Node) -> None:
         f = node.family
@@ -368,13 +384,16 @@ class _Search:
         opened = 0
         while self.heap:
             node = self.heap[0]
+            if node.stale:
+                heapq.heappop(self.heap)
+                continue
             if node.bound > self.cutoff() * (1 + REL_TOL):
                 break
             if node.kind == "strategy" and self.found and self.stats["solved"] >= self.options.max_programs:
                 return node.bound, False
             heapq.heappop(self.heap)
             if node.kind == "key" and not node.refined:
-                self.refine_key(node)
+                self.refine_keys(node)
             elif node.kind == "key":
                 self.open_key(node)
             elif node.kind == "shape":
@@ -419,8 +438,8 @@ def search(
         open_bound, complete = state.run(progress)
         state.finish()
     finally:
-        state.sims.close()
-    pruned = sum(node.size for node in state.heap)
+        state.helper.close()
+    pruned = sum(node.size for node in state.heap if not node.stale)
     if not state.found:
         if not complete:
             raise InfeasibleError("The program budget ended before any plan fitted; raise solver.max_programs.")
@@ -455,6 +474,10 @@ def search(
 
 
 PARALLEL_FAMILIES = 2000
+REFINE_BATCH_NODES = 2000
+"""Open nodes from which keys are refined in batches (a smaller search is over before the
+helper pays)."""
+REFINE_BATCH = 16
 _FORKED: tuple | None = None
 
 
