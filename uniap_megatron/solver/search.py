@@ -482,9 +482,10 @@ _FORKED: tuple | None = None
 
 
 def _open_families(state: _Search, sized: list[tuple[Family, dict]], workers: int) -> None:
-    """Bound every key of every family. A large space is split over forked workers by
-    groups of families that share item costs (tp, cp, ep, mbs); their nodes come back and
-    are pushed in family order, exactly as one process would have pushed them."""
+    """Bound every key of every family. A large space is split by groups of families that
+    share item costs (tp, cp, ep, mbs) between this process and forked workers; the
+    workers' nodes come back and join the same queue, whose order depends on the nodes
+    alone, so the search runs as if one process had bounded them all."""
     global _FORKED
     groups = sorted({(f.tp, f.cp, f.ep, f.mbs) for f, _ in sized})
     share = {g: i % max(1, workers) for i, g in enumerate(groups)}
@@ -494,29 +495,30 @@ def _open_families(state: _Search, sized: list[tuple[Family, dict]], workers: in
         return
     _FORKED = (state, sized, share)
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            parts = pool.map(_bound_share, range(workers))
+        with multiprocessing.get_context("fork").Pool(workers - 1) as pool:
+            theirs = pool.map_async(_bound_share, range(1, workers))
+            for f, sizes in sized:  # share 0 is this process's
+                if share[(f.tp, f.cp, f.ep, f.mbs)] == 0:
+                    state.open_family(f, sizes)
+            parts = theirs.get()
     finally:
         _FORKED = None
-    nodes = sorted((n for part, _ in parts for n in part), key=lambda item: item[0])
-    for _, node in nodes:
-        heapq.heappush(state.heap, node)
-    for _, stats in parts:
+    for nodes, stats in parts:
+        for node in nodes:
+            heapq.heappush(state.heap, node)
         state.stats["memory"] += stats["memory"]
         state.stats["bounds"] += stats["bounds"]
 
 
 def _bound_share(worker: int):
-    """In a forked worker: bound the keys of this worker's families."""
+    """In a forked worker: bound the keys of this worker's families (its copy of the
+    state was forked before the parent bounded any)."""
     state, sized, share = _FORKED
     state.log = []
-    nodes = []
-    for i, (f, sizes) in enumerate(sized):
+    for f, sizes in sized:
         if share[(f.tp, f.cp, f.ep, f.mbs)] == worker:
             state.open_family(f, sizes)
-            nodes.extend((i, n) for n in state.log)
-            state.log.clear()
-    return nodes, {"memory": state.stats["memory"], "bounds": state.stats["bounds"]}
+    return state.log, {"memory": state.stats["memory"], "bounds": state.stats["bounds"]}
 
 
 def _distinct(found: list[Solution]) -> list[Solution]:
