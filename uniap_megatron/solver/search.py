@@ -434,6 +434,8 @@ def search(
     _open_families(state, sized, options.workers)
     if not enumerated:
         raise explain_empty(model, cluster, train, pins)
+    if progress:
+        progress(0, len(state.heap), None)  # the space is bounded; solving starts
     try:
         open_bound, complete = state.run(progress)
         state.finish()
