@@ -145,3 +145,19 @@ def test_an_mtp_layer_costs_its_inner_layer_plus_projection_and_logits(model):
     assert item_flops(req.model, LayerKind.MTP, shape).gemm == pytest.approx(
         item_flops(req.model, req.model.mtp_inner_kind, shape).gemm + extra, rel=1e-12
     )
+
+
+def test_items_without_experts_cost_the_same_under_every_expert_parallel_size():
+    """step_costs shares such items between strategies that differ only in ep: the sharing
+    must change no figure, and the expert items must still differ."""
+    req = request("model=deepseek_v3_like", "cluster=dgx_h100", "cluster.num_nodes=16")
+    shape = dict(tp=2, pp=4, cp=2, dp=16, sp=True, mbs=1, recompute=Recompute.SELECTIVE)
+    strategies = [Strategy(ep=ep, **shape) for ep in (1, 2, 8)]
+    for kind in (LayerKind.EMBEDDING, LayerKind.LOSS, LayerKind.DENSE):
+        assert len({layer(req, s, kind=kind) for s in strategies}) == 1
+    for kind in (LayerKind.MOE, LayerKind.MTP):
+        assert len({layer(req, s, kind=kind).fwd.ep_comm for s in strategies}) == 3
+    cache: dict = {}
+    for s in strategies:
+        shared = step_costs(req.model, req.cluster, req.train, s, item_cache=cache)
+        assert shared == step_costs(req.model, req.cluster, req.train, s)

@@ -252,7 +252,7 @@ def item_cost(
     if decoder_like:
         tp = _overlapped_tp(tp, gemm, s, train)
     cp_fwd, cp_bwd = _cp_comm(model, s, act, links.cp, core_fwd) if decoder_like else (0.0, 0.0)
-    moe = kind is LayerKind.MOE or (kind is LayerKind.MTP and model.mtp_inner_kind is LayerKind.MOE)
+    moe = _has_experts(model, kind)
     ep = _ep_comm(model, s, act, links.ep) if moe else 0.0
     selective = s.recompute is Recompute.SELECTIVE and decoder_like
     fwd = PassTime(compute=gemm + core_fwd, memory_bound=memory, tp_comm=tp, cp_comm=cp_fwd, ep_comm=ep)
@@ -296,6 +296,10 @@ def static_bytes(params: ParamCount, s: Strategy, precision: Precision, *, fp8_w
     )
 
 
+def _has_experts(model: ModelSpec, kind: LayerKind) -> bool:
+    return kind is LayerKind.MOE or (kind is LayerKind.MTP and model.mtp_inner_kind is LayerKind.MOE)
+
+
 def step_costs(
     model: ModelSpec,
     cluster: ClusterSpec,
@@ -324,7 +328,16 @@ def step_costs(
         kinds = {LayerKind.EMBEDDING, LayerKind.LOSS, *model.decoder_kinds}
         if model.mtp_layers:
             kinds.add(LayerKind.MTP)
-        items = {k: item_cost(model, cluster, train, s, k, links=links, impl=impl) for k in sorted(kinds)}
+        items = {}
+        for k in sorted(kinds):
+            # An item without experts costs the same under every expert-parallel size.
+            shared = None if item_cache is None or _has_experts(model, k) else (k, key[0].replace(ep=1), impl)
+            item = None if shared is None else item_cache.get(shared)
+            if item is None:
+                item = item_cost(model, cluster, train, s, k, links=links, impl=impl)
+                if shared is not None:
+                    item_cache[shared] = item
+            items[k] = item
         if source is not None:
             items = source.items(s, items)
         if item_cache is not None:
