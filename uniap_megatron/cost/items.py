@@ -329,9 +329,10 @@ def step_costs(
         if model.mtp_layers:
             kinds.add(LayerKind.MTP)
         items = {}
+        # An item without experts costs the same under every expert-parallel size.
+        any_ep = None if item_cache is None else key[0].replace(ep=1)
         for k in sorted(kinds):
-            # An item without experts costs the same under every expert-parallel size.
-            shared = None if item_cache is None or _has_experts(model, k) else (k, key[0].replace(ep=1), impl)
+            shared = None if any_ep is None or _has_experts(model, k) else (k, any_ep, impl)
             item = None if shared is None else item_cache.get(shared)
             if item is None:
                 item = item_cost(model, cluster, train, s, k, links=links, impl=impl)
