@@ -32,7 +32,7 @@ from uniap_megatron.cost.items import StepCosts, static_bytes
 from uniap_megatron.cost.params import item_params
 from uniap_megatron.cost.schedule import inflight_points
 from uniap_megatron.cost.step import p2p_transfers
-from uniap_megatron.solver.mixed import composition_floor, composition_rows, decoder_kinds, tail_rows
+from uniap_megatron.solver.mixed import composition_floor, composition_rows, tail_rows
 from uniap_megatron.space.strategy import Recompute, RecomputeMethod, Strategy
 from uniap_megatron.spec.model import LayerKind, ModelSpec
 
@@ -72,7 +72,7 @@ class Layers:
 
     @classmethod
     def of(cls, costs: StepCosts, model: ModelSpec, static: dict[LayerKind, float] | None = None) -> Layers:
-        kinds = decoder_kinds(model)
+        kinds = model.decoder_kinds
         statics = static or {k: c.static_bytes for k, c in costs.items.items()}
         return cls.combine(LayerTimes.of(costs, kinds), _cheapest([statics[k] for k in kinds]))
 
@@ -258,10 +258,10 @@ def loosest(recs: list[Recomputation]) -> Recomputation:
 def work_floor(costs: StepCosts, model: ModelSpec, rec: Recomputation, vpp: int) -> float:
     """Sum over ranks of the time per micro-batch, at least."""
     s, items = costs.strategy, costs.items
-    every = [items[k] for k in decoder_kinds(model)] + [items[LayerKind.EMBEDDING], items[LayerKind.LOSS]]
+    every = [items[k] for k in model.decoder_kinds] + [items[LayerKind.EMBEDDING], items[LayerKind.LOSS]]
     every += [items[LayerKind.MTP]] * model.mtp_layers if model.mtp_layers else []
     work = sum(c.time_s for c in every) + costs.p2p_s * 2 * (s.pp * vpp - 1)
-    rhos = sorted(items[k].recompute_s for k in decoder_kinds(model))
+    rhos = sorted(items[k].recompute_s for k in model.decoder_kinds)
     if rec.kind == "all":
         work += sum(rhos)
     elif rec.kind == "range":
@@ -300,7 +300,7 @@ def _tail_floor(model: ModelSpec, pp: int, figures: tuple, rates: tuple) -> floa
         n, o = terms(kind)
         fixed_net[rank] += n
         fixed_opt[rank] += o
-    kinds = decoder_kinds(model)
+    kinds = model.decoder_kinds
     if len(set(kinds)) > 1 or model.mtp_layers:
         return composition_floor(tail_rows(model, terms, fixed_net, fixed_opt, bucket), model)
     net, opt = zip(*(terms(k) for k in kinds))
@@ -333,7 +333,7 @@ def variants_bound(costs: StepCosts, model: ModelSpec, capacity: float, vpp: int
 def z_floor(costs: StepCosts, model: ModelSpec, capacity: float, vpp: int, rec: Recomputation, kappas) -> float:
     """Least possible slowest rank per micro-batch; inf when nothing fits."""
     p = profile(costs, model, capacity, vpp=vpp, kappas=kappas)
-    if len(set(decoder_kinds(model))) == 1 and not model.mtp_layers:
+    if len(set(model.decoder_kinds)) == 1 and not model.mtp_layers:
         return slowest_rank_floor(rank_time_rows(p, rec), model.num_layers)
     rows = composition_rows(costs, model, capacity, fixed_time=p.fixed_time, fixed_static=p.fixed_static,
                             fixed_act=p.fixed_act, kappa=p.kappa, rec=rec, transient=p.transient)
@@ -363,7 +363,7 @@ def spilled_bound(costs: StepCosts, model: ModelSpec, capacity: float, dense: in
     items = costs.items
     stages = pp * v
     first = items[LayerKind.EMBEDDING].time_s + sum(costs.p2p_s * p2p_transfers(stages, r) for r in range(pp))
-    first += (dense - 1) * max(items[k].time_s + items[k].recompute_s for k in set(decoder_kinds(model)))
+    first += (dense - 1) * max(items[k].time_s + items[k].recompute_s for k in set(model.decoder_kinds))
     rest = max(0.0, work_floor(costs, model, rec, v) - first) / (v - 1)
     a = costs.num_microbatches - 1 / v
     return a * z + rest + tail_floor(costs, model, recompute=rec is not KEEP) + costs.embedding_sync_s + costs.overhead_s
@@ -388,7 +388,7 @@ def peak_floor(costs: StepCosts, model: ModelSpec) -> float:
     """Lower bound of the largest per-rank peak memory over every layout of a strategy:
     the average static memory, or the heavier edge item."""
     s, items = costs.strategy, costs.items
-    decoder = [items[k] for k in decoder_kinds(model)]
+    decoder = [items[k] for k in model.decoder_kinds]
     edge = [items[LayerKind.EMBEDDING], items[LayerKind.LOSS]]
     every = decoder + edge + ([items[LayerKind.MTP]] * model.mtp_layers if model.mtp_layers else [])
     static = sum(c.static_bytes for c in every)
@@ -402,14 +402,14 @@ def peak_floor(costs: StepCosts, model: ModelSpec) -> float:
 def item_statics(model: ModelSpec, s: Strategy, precision) -> dict[LayerKind, float]:
     """Static bytes per GPU of each item kind under ``s``, from the cost model's parameter
     counts (no communication model needed)."""
-    kinds = {LayerKind.EMBEDDING, LayerKind.LOSS, *decoder_kinds(model)}
+    kinds = {LayerKind.EMBEDDING, LayerKind.LOSS, *model.decoder_kinds}
     if model.mtp_layers:
         kinds.add(LayerKind.MTP)
     return {k: static_bytes(item_params(model, k, tp=s.tp, ep=s.ep, pp=s.pp), s, precision) for k in kinds}
 
 
 def cheapest_statics(model: ModelSpec, statics: dict[LayerKind, float]) -> np.ndarray:
-    kinds = decoder_kinds(model)
+    kinds = model.decoder_kinds
     return _cheapest([v for k in set(kinds) for v in [statics[k]] * kinds.count(k)])
 
 

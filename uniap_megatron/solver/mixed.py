@@ -12,7 +12,6 @@ dynamic program over ranks enforces for every candidate value of Z at once.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import numpy as np
 
@@ -23,15 +22,9 @@ FIT = 1 + 1e-9
 NONE = -(10**9)
 
 
-@lru_cache(maxsize=64)
-def decoder_kinds(model: ModelSpec) -> tuple[LayerKind, ...]:
-    """``model.decoder_kinds``, computed once per model (the bounds ask for it often)."""
-    return model.decoder_kinds
-
-
 def kinds_of(model: ModelSpec) -> tuple[LayerKind, LayerKind | None, int]:
     """(majority kind, minority kind or None, minority count)."""
-    kinds = decoder_kinds(model)
+    kinds = model.decoder_kinds
     counts = {k: kinds.count(k) for k in set(kinds)}
     if len(counts) == 1:
         return next(iter(counts)), None, 0

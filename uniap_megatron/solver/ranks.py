@@ -562,9 +562,9 @@ class SideCache:
         self._least = [max(0, L - (sum(best) - best[r])) for r in range(inst.pp)]
         self._sides, self._tables = {}, {}
         self.prefix_states: dict = {}
+        """(z, w, what, roles of ranks 0..r) -> the dynamic program's state after rank r."""
         self.rank_values: dict = {}
         """(r, role, variant, z, w, what) -> what ``Ranks._rank_values`` gives."""
-        """(z, w, what, roles of ranks 0..r) -> the dynamic program's state after rank r."""
 
     def variants(self) -> list[tuple[int, bool]]:
         """(lead, closed) ways a rank's first chunk takes dense layers: (0, False) alone

@@ -46,7 +46,6 @@ from uniap_megatron.solver.bounds import (
     variants_bound,
 )
 from uniap_megatron.solver.layouts import LayoutResult, best_layout
-from uniap_megatron.solver.mixed import decoder_kinds
 from uniap_megatron.solver.options import SolverOptions
 from uniap_megatron.space.candidates import (
     Family,
@@ -254,7 +253,7 @@ class _Search:
         statics = self.family_statics(f)
         times = self.layer_times.get(pkey)
         if times is None:
-            times = self.layer_times[pkey] = LayerTimes.of(probe, decoder_kinds(self.model))
+            times = self.layer_times[pkey] = LayerTimes.of(probe, self.model.decoder_kinds)
         static = self.layer_statics.get(skey)
         if static is None:
             static = self.layer_statics[skey] = cheapest_statics(self.model, statics)
