@@ -55,10 +55,10 @@ def strategy_values(plan) -> dict[str, Any]:
     }
 
 
-def tp_comm_overlapped(plan) -> bool:
+def tp_comm_overlapped(strategy, train) -> bool:
     """Whether the plan's costs assume Transformer Engine's tensor-parallel overlap (it
     needs sequence parallelism)."""
-    return plan.strategy.sp and plan.train.tp_comm_overlap
+    return strategy.sp and train.tp_comm_overlap
 
 
 def keyed_values(plan, keys: dict[str, str], layout_style: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from uniap_megatron.emit.config_keys import tp_comm_overlapped
 from uniap_megatron.emit.stage_split import stage_split
 from uniap_megatron.space.layout import Layout
 from uniap_megatron.space.strategy import Recompute, Strategy
@@ -46,7 +47,7 @@ def megatron_args(s: Strategy, layout: Layout, train: TrainSpec, *, layout_style
             "--recompute-num-layers", str(s.recompute_num_layers),
         ]
     args += ["--seq-length", str(train.seq_length)]
-    if s.sp and train.tp_comm_overlap:  # as emit.config_keys.tp_comm_overlapped
+    if tp_comm_overlapped(s, train):
         args.append("--tp-comm-overlap")
     args.append("--fp16" if train.precision is Precision.FP16 else "--bf16")
     if train.precision is Precision.FP8:

@@ -20,7 +20,7 @@ def nemo_values(plan, *, layout_style: str = "layout") -> dict[str, Any]:
         del values[NEMO_KEYS["ep"]]
     if plan.strategy.distributed_optimizer:
         values["model.optim.name"] = "distributed_fused_adam"
-    if tp_comm_overlapped(plan):
+    if tp_comm_overlapped(plan.strategy, plan.train):
         values["model.ub_tp_comm_overlap"] = True
     return values
 

@@ -22,7 +22,7 @@ def bridge_values(plan, *, layout_style: str = "layout") -> dict[str, Any]:
         "ddp.overlap_param_gather": distopt,
         "optimizer.use_distributed_optimizer": distopt,
     }
-    if tp_comm_overlapped(plan):
+    if tp_comm_overlapped(plan.strategy, plan.train):
         values["comm_overlap.tp_comm_overlap"] = True
     return values
 
