@@ -158,3 +158,57 @@ def test_work_in_a_helper_process_changes_nothing(monkeypatch):
         stats.append(dataclasses.replace(result.stats, wall_s=0.0, solver_time_s=0.0))
     assert False in forked and True in forked, "the first search worked alone, the second with the helper"
     assert plans[0] == plans[1] and stats[0] == stats[1]
+
+
+def test_programs_run_beside_the_search_and_change_nothing(monkeypatch):
+    """Mixed integer programs (here: the layouts of a model with dense first layers whose
+    first chunks hold fewer than those) run in the helper while the search goes on with
+    the layout found so far, and are read at fixed points: the plan and the statistics
+    are those of one process, and the closed form's best plans those of solving every
+    strategy in turn."""
+    import uniap_megatron.solver.background as background
+
+    forked = []
+    available = background.Helper.available
+    monkeypatch.setattr(background.Helper, "available",
+                        property(lambda self: forked.append(available.fget(self)) or forked[-1]))
+    req = request(*TINY, *TINY_MOE, "cluster.memory_gib=0.004")
+    plans, stats, closed = [], [], []
+    for workers in (1, 2):
+        result = search(req.model, req.cluster, req.train, req.pins, SearchOptions(workers=workers))
+        plans.append(Plan.from_search(result, req.model, req.cluster, req.train).to_json(with_timing=False))
+        stats.append(dataclasses.replace(result.stats, wall_s=0.0, solver_time_s=0.0))
+        closed.append([(x.strategy, significant(x.estimate.step_time_s)) for x in result.closed_form])
+    assert False in forked and True in forked, "the first search worked alone, the second with the helper"
+    assert plans[0] == plans[1] and stats[0] == stats[1]
+    assert stats[0].mixed_integer_programs >= 2 and stats[0].complete and stats[0].max_gap == 0
+    want = every_strategy(req)
+    assert closed[0] == [(s, t) for t, _, s in want[:5]]
+
+
+def test_a_program_stopped_at_a_limit_leaves_a_plan_and_its_gap(monkeypatch):
+    """A program that ends at a solver limit without a layout does not stop the search:
+    the layout found so far stands, unproven, and the gap says how far from proven."""
+    import uniap_megatron.solver.program as program
+    from uniap_megatron.errors import SolverError
+    from uniap_megatron.report import solver_text
+
+    def stopped(costs, *args, **kwargs):
+        raise SolverError(f"solver highs ended with status TimeLimit and no solution for {costs.strategy.short()}")
+
+    req = request(*TINY, *TINY_MOE, "cluster.memory_gib=0.004")
+    proven = search(req.model, req.cluster, req.train, req.pins)
+    monkeypatch.setattr(program, "solve_layout", stopped)
+    result = search(req.model, req.cluster, req.train, req.pins)
+    st = result.stats
+    assert st.mixed_integer_programs == proven.stats.mixed_integer_programs
+    # Here some programs had a layout from the per-rank solver (kept, with a gap) and
+    # some had none (the strategy stays open, with its bound in the search's gap).
+    assert st.max_gap > 0 and st.programs_unsolved > 0 and not st.complete
+    assert st.search_gap > 0
+    # Every layout kept fits, and none beats the proven optimum.
+    assert all(x.estimate.fits for x in result.closed_form)
+    best = proven.closed_form[0].estimate.step_time_s
+    assert min(x.estimate.step_time_s for x in result.closed_form) >= best * (1 - 1e-12)
+    text = solver_text(Plan.from_search(result, req.model, req.cluster, req.train)).plain
+    assert f"{st.programs_unsolved} layout programs stopped at the solver's limits" in text

@@ -113,6 +113,9 @@ def solver_text(plan: Plan) -> Text:
     gap = max(st.max_gap, st.search_gap)
     if st.complete and gap == 0:
         status = "proven optimal in closed form; the plans solved were simulated and the fastest chosen"
+    elif st.programs_unsolved:
+        status = (f"best found, gap {gap:.2%} ({st.programs_unsolved} layout programs stopped at the "
+                  "solver's limits, solver.time_limit_s, before finding a layout)")
     elif not st.complete:
         status = f"best found, gap {gap:.2%} (stopped at the program budget, solver.max_programs)"
     else:

@@ -1,10 +1,11 @@
 """Work the search hands to a second core: pure functions of its state.
 
 A forked helper process runs jobs in the order they are sent: simulations of the plans
-the search has solved, and a share of the keys it refines. The search reads a simulated
-step only at fixed points of its own progress (:class:`Simulations`), and a refined bound
-is the same number wherever it is computed (:class:`Shared`), so the plan is the same with
-or without the helper, on one core or many.
+the search has solved, the mixed integer programs of its layout problems, and a share of
+the keys it refines. The search reads a simulation or a program only at fixed points of
+its own progress (:class:`Deferred`), and a refined bound is the same number wherever it
+is computed (:class:`Shared`), so the plan is the same with or without the helper, on one
+core or many.
 """
 
 from __future__ import annotations
@@ -126,40 +127,53 @@ class Helper:
         self.results.clear()
 
 
-class Simulations:
-    """Simulated steps of solved plans, settled in submission order.
+class Deferred:
+    """Results of a pure function, read in submission order.
 
-    ``submit`` starts a simulation; ``settle`` waits for the simulations submitted so far
-    (all, or all but the latest few) and hands each result to ``on_result`` in order.
-    Between the two the search must not read them: that keeps its course independent of
-    timing."""
+    ``submit`` starts a job: in the helper when ``worth(argument)`` says it pays and the
+    helper is there, else here at once. ``settle`` hands the results of all jobs but the
+    latest ``keep`` to ``on_result`` in order. Between the two the caller must not read
+    them: that keeps its course independent of where and how fast the jobs ran."""
 
-    def __init__(self, helper: Helper, on_result: Callable[[int, float], None]):
-        self.helper, self.on_result = helper, on_result
-        self.pending: list[tuple[int, int | None, Estimate | float]] = []
-        """(key, helper ticket and the estimate, or None and the simulated step)."""
+    def __init__(self, helper: Helper, kind: str, compute: Callable[[Any], Any],
+                 on_result: Callable[[Any, Any], None], worth: Callable[[Any], bool] = lambda argument: True):
+        self.helper, self.kind, self.compute, self.on_result, self.worth = helper, kind, compute, on_result, worth
+        self.pending: list[tuple[Any, int | None, Any]] = []
+        """(key, helper ticket and the argument, or None and the result)."""
 
-    def submit(self, key: int, estimate: Estimate) -> None:
-        pp = len(estimate.ranks)
-        vpp = len(estimate.stages) // pp
+    def submit(self, key: Any, argument: Any) -> None:
         ticket = None
-        if pp > 1 and pp * vpp * estimate.num_microbatches >= HELPER_OPS and self.helper.available:
-            ticket = self.helper.send("simulate", estimate)
+        if self.worth(argument) and self.helper.available:
+            ticket = self.helper.send(self.kind, argument)
         if ticket is not None:
-            self.pending.append((key, ticket, estimate))
+            self.pending.append((key, ticket, argument))
         else:
-            self.pending.append((key, None, simulated_step(estimate)))
+            self.pending.append((key, None, self.compute(argument)))
 
     def settle(self, keep: int = 0) -> None:
-        """Read the results of all but the ``keep`` latest simulations."""
+        """Read the results of all but the ``keep`` latest jobs."""
         done, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
         for key, ticket, value in done:
             if ticket is not None:
                 ok, result = self.helper.take(ticket)
                 if not ok and not isinstance(result, (EOFError, OSError)):
                     raise result
-                value = result if ok else simulated_step(value)  # the helper was lost: redo it
+                value = result if ok else self.compute(value)  # the helper was lost: redo it
             self.on_result(key, value)
+
+
+def _long_schedule(estimate: Estimate) -> bool:
+    pp = len(estimate.ranks)
+    vpp = len(estimate.stages) // pp
+    return pp > 1 and pp * vpp * estimate.num_microbatches >= HELPER_OPS
+
+
+class Simulations(Deferred):
+    """Simulated steps of solved plans (``on_result(key, step_s)``); long schedules go to
+    the helper."""
+
+    def __init__(self, helper: Helper, on_result: Callable[[Any, float], None]):
+        super().__init__(helper, "simulate", simulated_step, on_result, _long_schedule)
 
 
 class Shared:

@@ -9,10 +9,15 @@ mixed integer program where they do not.
   warm-started and cut off by both.
 
 Every layout returned is priced by ``evaluate``; the solvers' own objective must agree.
+
+:func:`best_layout` does it all in turn. The search splits it: :func:`combinatorial_layout`
+answers or leaves a :class:`PendingProgram`, whose program (:func:`run_program`, a pure
+function) can run in another process, and :func:`settle_program` joins the two answers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -55,6 +60,33 @@ def layout_text(model: ModelSpec, counts: list[int], mtp_stage: int | None) -> t
     )
 
 
+@dataclass(frozen=True)
+class PendingProgram:
+    """A layout problem the combinatorial solvers left open: the program that decides it,
+    and the layout found so far. Everything the program needs is here, so that it can run
+    anywhere (:func:`run_program`) and be read later (:func:`settle_program`)."""
+
+    costs: StepCosts
+    cutoff_s: float
+    """The caller's cutoff."""
+    program_cutoff_s: float
+    """The caller's cutoff, or the incumbent's step time if lower."""
+    lower_bound_s: float
+    start: Layout | None
+    first_chunk_at_most: int | None
+    layout: Layout | None
+    incumbent: Estimate | None
+    """The layout found so far and its estimate, when it fits."""
+    elapsed_s: float
+
+    def provisional(self) -> LayoutResult | None:
+        """The incumbent as a result, optimal unless the program finds better."""
+        if self.incumbent is None:
+            return None
+        gap = max(0.0, (self.incumbent.step_time_s - self.lower_bound_s) / self.incumbent.step_time_s)
+        return LayoutResult(self.layout, self.incumbent, True, False, gap, "ranks", 0, self.elapsed_s)
+
+
 def best_layout(
     costs: StepCosts,
     model: ModelSpec,
@@ -64,6 +96,17 @@ def best_layout(
     options: SolverOptions = SolverOptions(),
 ) -> LayoutResult:
     """The fastest layout of ``costs.strategy`` that fits, if it beats ``cutoff_s``."""
+    first = combinatorial_layout(costs, model, capacity, cutoff_s=cutoff_s)
+    if isinstance(first, LayoutResult):
+        return first
+    started = time.perf_counter()
+    result = run_program(first, model, capacity, options)
+    return settle_program(first, result, model, capacity, time.perf_counter() - started)
+
+
+def combinatorial_layout(costs: StepCosts, model: ModelSpec, capacity: float, *,
+                         cutoff_s: float = math.inf) -> LayoutResult | PendingProgram:
+    """The combinatorial solvers' answer: final, or the program still to run."""
     started = time.perf_counter()
     inst = Instance(costs, model, capacity)
     s = costs.strategy
@@ -98,19 +141,52 @@ def best_layout(
     if incumbent is not None and incumbent.step_time_s <= bound * (1 + AGREE):
         # The relaxation's layout meets the relaxation's bound: optimal.
         return LayoutResult(layout, est, True, True, 0.0, method, 0, time.perf_counter() - started)
+    return PendingProgram(
+        costs=costs, cutoff_s=cutoff_s,
+        program_cutoff_s=min(cutoff_s, incumbent.step_time_s) if incumbent else cutoff_s,
+        lower_bound_s=bound, start=layout if incumbent and region is None else None,
+        first_chunk_at_most=region, layout=layout if incumbent else None, incumbent=incumbent,
+        elapsed_s=time.perf_counter() - started,
+    )
+
+
+@dataclass(frozen=True)
+class Unsolved:
+    """The program stopped at a solver limit before it found any layout."""
+
+    reason: str
+
+
+def run_program(pending: PendingProgram, model: ModelSpec, capacity: float, options: SolverOptions):
+    """The program of a pending layout problem (a pure function of its arguments)."""
+    from uniap_megatron.errors import SolverError
     from uniap_megatron.solver.program import solve_layout  # PuLP loads only when needed
 
-    cutoff = min(cutoff_s, incumbent.step_time_s) if incumbent else cutoff_s
-    result = solve_layout(
-        costs, model, capacity, options=options, cutoff_s=cutoff, lower_bound_s=bound,
-        start=layout if incumbent and region is None else None, first_chunk_at_most=region,
-    )
-    elapsed = time.perf_counter() - started
+    try:
+        return solve_layout(pending.costs, model, capacity, options=options, cutoff_s=pending.program_cutoff_s,
+                            lower_bound_s=pending.lower_bound_s, start=pending.start,
+                            first_chunk_at_most=pending.first_chunk_at_most)
+    except SolverError as err:
+        return Unsolved(str(err))
+
+
+def settle_program(pending: PendingProgram, result, model: ModelSpec, capacity: float,
+                   program_s: float) -> LayoutResult:
+    """The layout problem's answer from the incumbent and the program's ``result``."""
+    costs, cutoff_s = pending.costs, pending.cutoff_s
+    layout, incumbent = pending.layout, pending.incumbent
+    elapsed = pending.elapsed_s + program_s
+    s = costs.strategy
+    if isinstance(result, Unsolved):
+        # The layout found so far stands, unproven; without one the strategy stays open.
+        if incumbent is not None:
+            return dataclasses.replace(pending.provisional(), method="program", programs=1, solve_time_s=elapsed)
+        return LayoutResult(None, None, None, False, math.inf, "program", 1, elapsed)
     if result is None:
         # The program proved that nothing beats the cutoff (the incumbent, if any).
         if incumbent is not None and incumbent.step_time_s < cutoff_s:
             return LayoutResult(layout, incumbent, True, True, 0.0, "program", 1, elapsed)
-        fits = True if incumbent is not None else (None if math.isfinite(cutoff) else False)
+        fits = True if incumbent is not None else (None if math.isfinite(pending.program_cutoff_s) else False)
         return LayoutResult(None, None, fits, True, 0.0, "program", 1, elapsed)
     assert result.recompute_num_layers == s.recompute_num_layers, "the search fixes the count before solving"
     est = evaluate(costs, result.layout, model, capacity)

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from uniap_megatron.cost.activations import Implementation
 from uniap_megatron.cost.items import CostSource, StepCosts, step_costs
 from uniap_megatron.cost.step import Estimate, evaluate
-from uniap_megatron.errors import InfeasibleError
-from uniap_megatron.solver.background import Helper, Shared, Simulations, forkable, simulated_step
+from uniap_megatron.errors import InfeasibleError, SolverError
+from uniap_megatron.solver.background import Deferred, Helper, Shared, Simulations, forkable, simulated_step
 from uniap_megatron.solver.bounds import (
     Layers,
     LayerTimes,
@@ -45,7 +45,14 @@ from uniap_megatron.solver.bounds import (
     strategy_bound,
     variants_bound,
 )
-from uniap_megatron.solver.layouts import LayoutResult, best_layout
+from uniap_megatron.solver.layouts import (
+    LayoutResult,
+    PendingProgram,
+    best_layout,
+    combinatorial_layout,
+    run_program,
+    settle_program,
+)
 from uniap_megatron.solver.options import SolverOptions
 from uniap_megatron.space.candidates import (
     Family,
@@ -179,8 +186,12 @@ class _Search:
         self.stats = dict(memory=0, bound=0, solved=0, infeasible=0, unsolved=0, mips=0, bounds=0)
         self.solver_time, self.max_gap, self.statuses = 0.0, 0.0, set()
         self.memory_pruned: list[tuple[float, tuple, Strategy]] = []
-        self.helper = Helper({"simulate": simulated_step, "refine": self.refined_bound}, enabled=options.workers >= 2)
+        self.unsolved_bound = math.inf
+        """The lowest bound of the strategies a solver limit left without a layout."""
+        self.helper = Helper({"simulate": simulated_step, "refine": self.refined_bound, "program": self.program},
+                             enabled=options.workers >= 2)
         self.sims = Simulations(self.helper, self.simulated)
+        self.programs = Deferred(self.helper, "program", self.program, self.programmed)
         self.refines = Shared(self.helper, "refine", self.refined_bound)
 
     # ---------------------------------------------------------------- helpers
@@ -344,31 +355,68 @@ class _Search:
             return
         result = self._best_layout(node)
         self.stats["solved"] += 1
+        if isinstance(result, PendingProgram):
+            # Two programs out at most: the one before the previous is read now, and this
+            # one runs (on the second core when there is one) while the search goes on
+            # with the layout found so far, which is a valid plan and so a valid cutoff.
+            self.programs.settle(keep=1)
+            provisional = result.provisional()
+            index = None
+            if provisional is not None:
+                index = len(self.found)
+                self.add(Solution(s, provisional.layout, provisional.estimate, provisional))
+            self.programs.submit((s, node.bound, index, result), result)
+            return
+        self.record(s, result, node.bound)
+
+    def record(self, s: Strategy, result: LayoutResult, bound: float, provisional: int | None = None) -> None:
+        """Keep a solved layout problem (``bound``: the strategy's lower bound);
+        ``provisional`` is the index of the plan kept for it while its program ran."""
         self.stats["mips"] += result.programs
         self.solver_time += result.solve_time_s
         if result.layout is None:
             if result.fits is False:
                 self.stats["infeasible"] += 1
+            elif not result.proven:
+                # A solver limit left it open: the answer stands, with this bound as its gap.
+                self.stats["unsolved"] += 1
+                self.unsolved_bound = min(self.unsolved_bound, bound)
             return
         self.max_gap = max(self.max_gap, result.gap)
         self.statuses.add("optimal" if result.proven else "feasible")
+        if provisional is not None and self.found[provisional].layout == result.layout:
+            self.found[provisional] = dataclasses.replace(self.found[provisional], program=result)
+            return
         self.add(Solution(s, result.layout, result.estimate, result))
 
-    def _best_layout(self, node: _Node) -> LayoutResult:
-        """The strategy's optimum if it beats the k-th plan. Before there is a k-th plan,
-        the solver still gets a limit, which keeps its tables small: Megatron's even split
-        when it fits, else a few steps above the node's bound (raised until a layout
-        shows up; the order is fixed, so the answer is too)."""
+    def program(self, pending: PendingProgram) -> tuple:
+        """A pending layout problem's program, and the seconds it took."""
+        started = time.perf_counter()
+        result = run_program(pending, self.model, self.capacity, self.options.solver)
+        return result, time.perf_counter() - started
+
+    def programmed(self, key: tuple, value: tuple) -> None:
+        s, bound, provisional, pending = key
+        result, seconds = value
+        self.record(s, settle_program(pending, result, self.model, self.capacity, seconds), bound, provisional)
+
+    def _best_layout(self, node: _Node) -> LayoutResult | PendingProgram:
+        """The strategy's optimum if it beats the k-th plan, or the program that still
+        decides it. Before there is a k-th plan, the solver still gets a limit, which keeps
+        its tables small: Megatron's even split when it fits, else a few steps above the
+        node's bound (raised until a layout shows up; the order is fixed, so the answer is
+        too)."""
         (s,) = node.members
         costs, cutoff = node.costs, self.cutoff()
-        limits = [cutoff]
-        if not math.isfinite(cutoff):
-            even = even_layout(num_layers=self.model.num_layers, pp=s.pp, vpp=s.vpp,
-                               mtp_num_layers=self.model.mtp_layers)
-            est = evaluate(costs, even, self.model, self.capacity)
-            limits = [est.step_time_s] if est.fits else [node.bound * 1.02, node.bound * 1.1, math.inf]
+        if math.isfinite(cutoff):
+            return combinatorial_layout(costs, self.model, self.capacity, cutoff_s=cutoff * (1 + REL_TOL))
+        even = even_layout(num_layers=self.model.num_layers, pp=s.pp, vpp=s.vpp,
+                           mtp_num_layers=self.model.mtp_layers)
+        est = evaluate(costs, even, self.model, self.capacity)
+        if est.fits:
+            return combinatorial_layout(costs, self.model, self.capacity, cutoff_s=est.step_time_s * (1 + REL_TOL))
         total = 0.0
-        for limit in limits:
+        for limit in (node.bound * 1.02, node.bound * 1.1, math.inf):
             result = best_layout(costs, self.model, self.capacity, cutoff_s=limit * (1 + REL_TOL),
                                  options=self.options.solver)
             total += result.solve_time_s
@@ -406,7 +454,8 @@ class _Search:
         return None, True
 
     def finish(self) -> None:
-        """Read every simulation still running."""
+        """Read the program and every simulation still running."""
+        self.programs.settle()
         self.sims.settle()
 
 
@@ -444,10 +493,16 @@ def search(
     if not state.found:
         if not complete:
             raise InfeasibleError("The program budget ended before any plan fitted; raise solver.max_programs.")
+        if state.stats["unsolved"]:
+            raise SolverError(
+                f"The layout programs of {state.stats['unsolved']} strategies stopped at the solver's limits "
+                f"(solver.time_limit_s={options.solver.time_limit_s:g}) before finding any layout, and no other "
+                "strategy fits; raise solver.time_limit_s or pin more of the strategy.")
         raise _nothing_fits(state, families)
     found = _distinct(state.found)
     best_time = found[0].estimate.step_time_s
-    gap = 0.0 if open_bound is None else max(0.0, (best_time - open_bound) / best_time)
+    open_bound = min(math.inf if open_bound is None else open_bound, state.unsolved_bound)
+    gap = max(0.0, (best_time - open_bound) / best_time)
     closed_form = tuple(found[: options.top_k])
     # The plan and its alternatives: the fastest in simulation (the closed form ranked the
     # search; the schedule decides).
