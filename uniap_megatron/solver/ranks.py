@@ -43,6 +43,7 @@ from uniap_megatron.solver.levels import Outcome, Pick, level_search
 
 FIT = 1 + 1e-9
 EPS = 1e-12
+_UNSEEN = np.iinfo(np.int64).max
 
 
 def _monotone_points(points: np.ndarray) -> bool:
@@ -354,7 +355,8 @@ class Ranks:
         return [((d, True), c + d) for d in range(D - c)] + [((D - c, False), D)]
 
     def _table(self, side: RankSide) -> dict:
-        """Per T: the options the master may pick from (arrays over T, or per-T R arrays)."""
+        """The options the master may pick from: arrays over T (linear modes) or over
+        [T, R] (block recompute)."""
         L = self.L
         Ts = np.arange(L + 1)
         in_range = np.zeros(L + 1, dtype=bool)
@@ -371,21 +373,31 @@ class Ranks:
                 "w": np.where(ok, side.tail(Ts, R), math.inf),
                 "R": R,
             }
-        per_t = {}
-        for T in side.t_range:
-            top = side.top_level(T)
-            feasible, _ = side.block_options(T, top)
-            if not feasible.any():
-                continue
-            Rs = np.arange(T + 1)
-            per_t[T] = {
-                "top": top,
-                "low": side.lowest_level(T),
-                "feasible": feasible,
-                "p": side.p(T, Rs),
-                "w": side.tail(T, Rs),
-            }
-        return {"per_t": per_t}
+        # [T, R] tables over the rank's range of T: R fits at the top level, its P and
+        # tail; and the first level at which it fits, found lazily (the levels searched so
+        # far per T in ``scanned``). R runs up to the most layers a rank can recompute:
+        # none (keep), all (uniform), n per chunk (block).
+        width = 1 + {Mode.KEEP: 0, Mode.UNIFORM: L, Mode.BLOCK: min(L, side.n * side.v)}[side.inst.mode]
+        Ts = np.arange(side.t_range.start, max(side.t_range.stop, side.t_range.start))
+        feasible = np.zeros((len(Ts), width), dtype=bool)
+        top = np.full(len(Ts), -1)
+        low = np.zeros(len(Ts), dtype=int)
+        for i, T in enumerate(Ts):
+            top_level = side.top_level(int(T))
+            fits, _ = side.block_options(int(T), top_level)
+            if fits.any():
+                feasible[i, : min(T + 1, width)] = fits[:width]
+                top[i], low[i] = top_level, max(side.lowest_level(int(T)), 0)
+        Rs = np.minimum(np.arange(width)[None, :], Ts[:, None])
+        return {
+            "Ts": Ts,
+            "feasible": feasible,
+            "top": top,
+            "p": side.p(Ts[:, None], Rs),
+            "w": side.tail(Ts[:, None], Rs),
+            "first": np.full((len(Ts), width), _UNSEEN),
+            "scanned": low - 1,
+        }
 
     def candidates(self) -> tuple[np.ndarray, np.ndarray]:
         zs, ws = [], []
@@ -396,45 +408,58 @@ class Ranks:
                     zs.append(tab["p"][tab["ok"]])
                     ws.append(tab["w"][tab["ok"]])
                 else:
-                    for opt in tab["per_t"].values():
-                        zs.append(opt["p"][opt["feasible"]])
-                        ws.append(opt["w"][opt["feasible"]])
+                    zs.append(tab["p"][tab["feasible"]])
+                    ws.append(tab["w"][tab["feasible"]])
         if not zs:
             return np.array([]), np.array([])
         return np.unique(np.concatenate(zs)), np.unique(np.concatenate(ws))
 
     # ------------------------------------------------------------- master
     def _rank_values(self, side: RankSide, tab: dict, z: float, w: float, what: str):
-        """Per T: the value this rank contributes and how (level, R)."""
+        """Per T: the value this rank contributes and how: (level, R) as two arrays over T."""
         L = self.L
         inf = math.inf
         if side.linear:
             ok = tab["ok"] & (tab["p"] <= z) & (tab["w"] <= w)
             key = {"sum": "level", "max_p": "p", "max_w": "w"}[what]
-            vals = np.where(ok, tab[key], inf)
-            return vals, [(int(tab["first"][T]), int(tab["R"][T])) if ok[T] else None for T in range(L + 1)]
-        vals = np.full(L + 1, inf)
-        how: list = [None] * (L + 1)
-        for T, opt in tab["per_t"].items():
-            allowed = opt["feasible"] & (opt["p"] <= z) & (opt["w"] <= w)
-            if not allowed.any():
-                continue
-            Rs = np.nonzero(allowed)[0]
-            if what == "max_p":
-                R = int(Rs[0])
-                vals[T], how[T] = opt["p"][R], (opt["top"], R)
-            elif what == "max_w":
-                R = int(Rs[-1])
-                vals[T], how[T] = opt["w"][R], (opt["top"], R)
-            else:
-                mask = (opt["p"] <= z) & (opt["w"] <= w)
-                for level in range(max(opt["low"], 0), opt["top"] + 1):
-                    feasible, _ = side.block_options(T, level)
-                    hit = np.nonzero(feasible & mask)[0]
-                    if len(hit):
-                        vals[T], how[T] = side.levels[level], (level, int(hit[0]))
-                        break
-        return vals, how
+            return np.where(ok, tab[key], inf), (tab["first"], tab["R"])
+        allowed = tab["feasible"] & (tab["p"] <= z) & (tab["w"] <= w)
+        ok = allowed.any(axis=1)
+        rows = np.arange(len(ok))
+        if what == "max_p":  # P grows with R: the fewest recomputed
+            R = np.argmax(allowed, axis=1)
+            level, value = tab["top"], tab["p"][rows, R]
+        elif what == "max_w":  # the tail shrinks with R: the most recomputed
+            R = allowed.shape[1] - 1 - np.argmax(allowed[:, ::-1], axis=1)
+            level, value = tab["top"], tab["w"][rows, R]
+        else:
+            # The lowest level at which an allowed R fits (the fewest R at that level).
+            first = tab["first"]
+            seen = np.where(allowed, first, _UNSEEN).min(axis=1)
+            for i in np.nonzero(ok & (seen == _UNSEEN))[0]:
+                self._scan(side, tab, int(i), allowed[i])
+            masked = np.where(allowed, first, _UNSEEN)
+            R = np.argmin(masked, axis=1)
+            level = np.where(ok, masked[rows, R], 0)
+            value = side.levels[level]
+        # Back to arrays over every T.
+        vals, levels, recs = np.full(L + 1, inf), np.zeros(L + 1, dtype=int), np.zeros(L + 1, dtype=int)
+        Ts = tab["Ts"]
+        vals[Ts], levels[Ts], recs[Ts] = np.where(ok, value, inf), level, R
+        return vals, (levels, recs)
+
+    @staticmethod
+    def _scan(side: RankSide, tab: dict, i: int, allowed: np.ndarray) -> None:
+        """Search the levels of the table's row i upwards until one fits an allowed R,
+        noting at which level each R first fits (fits only get easier as the level rises)."""
+        T = int(tab["Ts"][i])
+        first = tab["first"][i, : T + 1]
+        for level in range(tab["scanned"][i] + 1, tab["top"][i] + 1):
+            fits = side.block_options(T, level)[0][: len(first)]
+            first[fits & (first == _UNSEEN)] = level
+            tab["scanned"][i] = level
+            if (fits & allowed[: len(first)]).any():
+                return
 
     def _values(self, r: int, variant, side: RankSide, tab: dict, z: float, w: float, what: str):
         """``_rank_values``, shared by the masters in which rank r plays the same role."""
@@ -470,29 +495,33 @@ class Ranks:
                 hows.append(how)
                 continue
             values = {v: self._values(r, v, side, by_table[v], z, w, what) for v, side in by_side.items()}
+            variants = list(values)
             best = np.full((L + 1, D + 1), inf)
             back_t = np.zeros((L + 1, D + 1), dtype=int)
             back_c = np.zeros((L + 1, D + 1), dtype=int)
             back_v = np.zeros((L + 1, D + 1), dtype=int)
-            variants = list(values)
-            for c in range(D + 1):
-                if not (F[:, c] < inf).any():
-                    continue
+            # Every move (count c -> nxt with a variant) at once, over the few T this rank
+            # may hold; per nxt the first best move wins, as in a scan of them in order.
+            held = {v: np.flatnonzero(vals < inf) for v, (vals, _) in values.items()}
+            moves = [(c, variants.index(v), nxt) for c in range(D + 1) if (F[:, c] < inf).any()
+                     for v, nxt in self.moves(c) if v in values and len(held[v])]
+            if moves:
+                lo = min(int(held[variants[v]][0]) for _, v, _ in moves)
+                hi = max(int(held[variants[v]][-1]) for _, v, _ in moves) + 1
+                cs, vs, nxts = (np.array(x) for x in zip(*moves))
                 # inf where t > total: combining it with a rank's value (never -inf) stays inf.
-                before = np.where(valid, F[shift, c], inf)
-                for variant, nxt in self.moves(c):
-                    if variant not in values:
-                        continue
-                    cand = combine(before, values[variant][0][None, :])
-                    t_best = np.argmin(cand, axis=1)
-                    value = cand[rows, t_best]
-                    better = value < best[:, nxt]
-                    if not better.any():
-                        continue
-                    best[better, nxt] = value[better]
-                    back_t[better, nxt] = t_best[better]
-                    back_c[better, nxt] = c
-                    back_v[better, nxt] = variants.index(variant)
+                before = np.where(valid[:, lo:hi, None], F[shift[:, lo:hi]], inf)  # [total, t, c]
+                vals = np.stack([values[variants[v]][0][lo:hi] for v in vs])  # [move, t]
+                cand = combine(np.moveaxis(before, 2, 0)[cs], vals[:, None, :])  # [move, total, t]
+                t_best = np.argmin(cand, axis=2)
+                value = np.take_along_axis(cand, t_best[..., None], axis=2)[..., 0]  # [move, total]
+                for nxt in np.unique(nxts):
+                    of = np.flatnonzero(nxts == nxt)
+                    j = of[np.argmin(value[of], axis=0)]
+                    best[:, nxt] = value[j, rows]
+                    back_t[:, nxt] = t_best[j, rows] + lo
+                    back_c[:, nxt] = cs[j]
+                    back_v[:, nxt] = vs[j]
             F = best
             backs.append((back_t, back_c, back_v, variants))
             hows.append({v: h for v, (_, h) in values.items()})
@@ -504,7 +533,8 @@ class Ranks:
             back_t, back_c, back_v, variants = backs[r]
             variant = variants[int(back_v[total, c])]
             T, previous = int(back_t[total, c]), int(back_c[total, c])
-            choice.append((T, variant, hows[r][variant][T]))
+            levels, recs = hows[r][variant]
+            choice.append((T, variant, (int(levels[T]), int(recs[T]))))
             total, c = total - T, previous
         choice.reverse()
         return self._pick(float(F[L, D]), choice)
