@@ -11,10 +11,14 @@ from uniap_megatron.cost.items import step_costs
 from uniap_megatron.cost.schedule import inflight_points
 from uniap_megatron.solver.bounds import (
     Layers,
+    Profile,
+    edges,
     item_statics,
     kappa,
     key_bound,
+    rank_time_rows,
     recomputation,
+    slowest_rank_floor,
     strategy_bound,
     strategy_z_floor,
     variants_bound,
@@ -83,3 +87,29 @@ def test_key_bound_is_below_its_strategies():
                 continue
             assert bound <= strategy_bound(costs, req.model, cap) * (1 + 1e-9)
             assert bound <= best.estimate.step_time_s * (1 + 1e-9), (s.short(), bound, best.estimate.step_time_s)
+
+
+def test_key_bound_counts_every_layer_at_its_kind():
+    """With dense first layers and an MTP layer, the floor over ranks lets every rank take
+    the cheap dense layers and leaves the MTP layer out; the average rank's work counts
+    each once. The key bound stays below every strategy's optimum, and above that floor."""
+    req = request("model=deepseek_v3_like", "cluster.num_nodes=128", "train.global_batch_size=4096")
+    cap = req.cluster.usable_memory_bytes
+    tighter = 0
+    for pp, vpp, dp in ((16, 1, 16), (32, 1, 8), (16, 2, 16)):
+        s = Strategy(tp=2, pp=pp, vpp=vpp, cp=2, ep=4, dp=dp, sp=True, mbs=1)
+        probe = step_costs(req.model, req.cluster, req.train, s.replace(pp=1, vpp=1, dp=dp * pp))
+        costs = step_costs(req.model, req.cluster, req.train, s)
+        statics = item_statics(req.model, s, req.train.precision)
+        layers = Layers.of(probe, req.model, statics)
+        bound = key_bound(probe, layers, req.model, cap, pp=pp, microbatches=costs.num_microbatches,
+                          vpps=(vpp,), statics=statics, rec=recomputation(s), overhead_s=0.0)
+        best = best_layout(costs, req.model, cap)
+        assert best.layout is not None
+        assert bound <= best.estimate.step_time_s * (1 + 1e-9), (s.short(), bound, best.estimate.step_time_s)
+        kappas = kappa(pp, vpp, costs.num_microbatches)
+        e = edges(probe, pp, statics)
+        floor = slowest_rank_floor(rank_time_rows(Profile(layers, e["time"], e["static"], e["act"], kappas, 0.0, cap),
+                                                  recomputation(s)), req.model.num_layers)
+        tighter += bound > costs.num_microbatches * floor * (1 + 1e-6)
+    assert tighter, "the average rank's work should raise the bound somewhere"

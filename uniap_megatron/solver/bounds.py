@@ -257,10 +257,15 @@ def loosest(recs: list[Recomputation]) -> Recomputation:
 # ------------------------------------------------------------------ bounds
 def work_floor(costs: StepCosts, model: ModelSpec, rec: Recomputation, vpp: int) -> float:
     """Sum over ranks of the time per micro-batch, at least."""
-    s, items = costs.strategy, costs.items
+    return item_work_floor(costs, model, rec) + costs.p2p_s * 2 * (costs.strategy.pp * vpp - 1)
+
+
+def item_work_floor(costs: StepCosts, model: ModelSpec, rec: Recomputation) -> float:
+    """Sum over ranks of the items' time per micro-batch (no p2p transfers), at least."""
+    items = costs.items
     every = [items[k] for k in model.decoder_kinds] + [items[LayerKind.EMBEDDING], items[LayerKind.LOSS]]
     every += [items[LayerKind.MTP]] * model.mtp_layers if model.mtp_layers else []
-    work = sum(c.time_s for c in every) + costs.p2p_s * 2 * (s.pp * vpp - 1)
+    work = sum(c.time_s for c in every)
     rhos = sorted(items[k].recompute_s for k in model.decoder_kinds)
     if rec.kind == "all":
         work += sum(rhos)
@@ -447,9 +452,13 @@ def key_bound(
     ``layers`` was built with them); p2p transfers, the tail and the transient memory are
     left out (each is at least zero).
 
-    With any vpp, ``(M - 1/v) Z + sum_r C_r >= M Z`` since ``sum_r C_r >= Z / v``."""
+    With any vpp, ``(M - 1/v) Z + sum_r C_r >= M Z`` since ``sum_r C_r >= Z / v``. The
+    slowest rank also works at least the average, which counts every layer at its own
+    kind and the MTP layers (the floor over ranks lets each take the cheapest layers)."""
     kappas = np.min([kappa(pp, v, microbatches) for v in vpps], axis=0)
     e = edges(probe, pp, statics)
     p = Profile(layers, e["time"], e["static"], e["act"], kappas, 0.0, capacity)
     z = slowest_rank_floor(rank_time_rows(p, rec), model.num_layers)
+    if math.isfinite(z):
+        z = max(z, item_work_floor(probe, model, rec) / pp)
     return microbatches * z + overhead_s
