@@ -16,7 +16,8 @@ every chunk has a capacity ``u_k``:
 
 - activations linear in the layers (no full recompute; uniform groups of one): filling
   the chunks from the last one backwards minimises every prefix of the activation sum,
-  hence every schedule point at once;
+  hence every schedule point at once (with a dense prefix, chunk 0 keeps the dense layers
+  that open it: the layers that move are all of the other kind);
 - block recompute (the first ``n`` layers of a chunk are recomputed and keep a checkpoint,
   the others keep everything): for fixed ``(T, R)`` the total activation is fixed, and
   on chunks of equal capacity the split ``0..0, x, n..n, n+y, u..u`` puts the most
@@ -103,7 +104,7 @@ class RankSide:
         self.work_of = [first_work] + [plain_work] * (v - 1)
         self.kept_of = [first_kept] + [plain_kept] * (v - 1)
         self.chunk_work, self.kept = plain_work, plain_kept
-        self.linear = inst.mode is not Mode.BLOCK and not lead
+        self.linear = inst.mode is not Mode.BLOCK
         levels = np.unique(np.concatenate([f + w for f, w in zip(self.empty_time, self.work_of)]))
         self.levels = levels[levels >= self.empty_time.max() * (1 - EPS)]
         self.t_range = t_range
@@ -190,32 +191,42 @@ class RankSide:
 
     # ------------------------------------------------------- linear modes
     def backfill(self, caps: np.ndarray, T: np.ndarray) -> np.ndarray:
-        """Fill the chunks from the last one backwards: rows of counts for every T."""
-        after = np.concatenate([np.cumsum(caps[::-1])[::-1][1:], [0]])
-        return np.clip(T[:, None] - after[None, :], 0, caps[None, :])
+        """Fill the chunks from the last one backwards: rows of counts for every T, under
+        one row of capacities or one per T. Chunk 0 keeps the lead layers that open it, so
+        only the layers after them move back (all of one kind); rows that cannot exist
+        have a wrong sum."""
+        caps = np.broadcast_to(caps, (len(T), self.v))
+        after = np.cumsum(caps[:, ::-1], axis=1)[:, ::-1] - caps
+        rows = np.clip((T - self.lead)[:, None] - after, 0, caps)
+        rows[:, 0] = np.minimum(caps[:, 0], T - rows[:, 1:].sum(axis=1))
+        return rows
 
     def first_levels(self) -> np.ndarray:
         """Linear modes: for every T, the lowest level at which some split fits (-1: none)."""
         if self._first_level is not None:
             return self._first_level
-        L = self.L
-        first = np.full(L + 1, -1)
-        todo = np.zeros(L + 1, dtype=bool)
-        todo[list(self.t_range)] = True
-        Ts = np.arange(L + 1)
-        for level in range(len(self.levels)):
-            if not todo.any():
-                break
-            caps = self.caps(level)
-            splits = self.backfill(caps, Ts)
-            ok = todo & (splits.sum(axis=1) == Ts) & (self.peak(splits, Ts) <= self.inst.capacity * FIT)
-            first[ok] = level
-            todo &= ~ok
-            hi = int(np.max(np.nonzero(todo)[0])) if todo.any() else 0
-            if self.unlimited(level, hi):
-                break
+        first = np.full(self.L + 1, -1)
+        Ts = np.array([T for T in self.t_range if self.lowest_level(T) >= 0], dtype=int)
+        if len(Ts):
+            # A higher level only moves layers further back, so fitting is monotone in the
+            # level, and above top_level the split no longer changes: bisect every T at once.
+            lo = np.array([self.lowest_level(int(T)) for T in Ts])
+            hi = np.array([self.top_level(int(T)) for T in Ts])
+            found = self._fits(Ts, hi)
+            Ts, lo, hi = Ts[found], lo[found], hi[found]
+            while (lo < hi).any():
+                mid = (lo + hi) // 2
+                fits = self._fits(Ts, mid)
+                hi = np.where(fits, mid, hi)
+                lo = np.where(fits, lo, mid + 1)
+            first[Ts] = lo
         self._first_level = first
         return first
+
+    def _fits(self, Ts: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        """Whether the back-filled split of each T at its level holds T and fits."""
+        splits = self.backfill(self._caps_all[levels], Ts)
+        return (splits.sum(axis=1) == Ts) & (self.peak(splits, Ts) <= self.inst.capacity * FIT)
 
     # ----------------------------------------------------------- block mode
     def block_options(self, T: int, level: int) -> tuple[np.ndarray, np.ndarray]:
