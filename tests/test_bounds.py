@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -12,6 +13,7 @@ from uniap_megatron.cost.schedule import inflight_points
 from uniap_megatron.solver.bounds import (
     Layers,
     Profile,
+    cheapest_statics,
     edges,
     item_statics,
     kappa,
@@ -19,6 +21,7 @@ from uniap_megatron.solver.bounds import (
     rank_time_rows,
     recomputation,
     slowest_rank_floor,
+    static_fits,
     strategy_bound,
     strategy_z_floor,
     variants_bound,
@@ -26,6 +29,7 @@ from uniap_megatron.solver.bounds import (
 from uniap_megatron.solver.layouts import best_layout
 from uniap_megatron.solver.oracle import brute_force
 from uniap_megatron.space.strategy import Recompute, RecomputeMethod, Strategy
+from uniap_megatron.spec.model import LayerKind
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
@@ -113,3 +117,19 @@ def test_key_bound_counts_every_layer_at_its_kind():
                                                   recomputation(s)), req.model.num_layers)
         tighter += bound > costs.num_microbatches * floor * (1 + 1e-6)
     assert tighter, "the average rank's work should raise the bound somewhere"
+
+
+def test_static_memory_counts_the_few_cheap_layers_once():
+    """DeepSeek-V3-like without tensor or expert parallelism on 32 stages: each of its 58
+    MoE layers needs 70 GiB, so some stage must hold two of them and nothing fits. The
+    cheapest-layers check lets every stage take the three 5 GiB dense layers and misses
+    that; counting them once catches it, and the layout solver agrees."""
+    req = request("model=deepseek_v3_like", "cluster.num_nodes=128", "train.global_batch_size=4096")
+    cap = req.cluster.usable_memory_bytes
+    s = Strategy(tp=1, cp=1, ep=1, pp=32, dp=32)
+    statics = item_statics(req.model, s, req.train.precision)
+    room = cap - np.array([statics[LayerKind.EMBEDDING]] + [0.0] * 30 + [statics[LayerKind.LOSS]])
+    cheapest = np.searchsorted(cheapest_statics(req.model, statics), room, side="right") - 1
+    assert cheapest.sum() >= req.model.num_layers, "the cheapest layers alone seem to fit"
+    assert not static_fits(req.model, statics, s.pp, cap)
+    assert best_layout(step_costs(req.model, req.cluster, req.train, s), req.model, cap).fits is False

@@ -32,7 +32,7 @@ from uniap_megatron.cost.items import StepCosts, static_bytes
 from uniap_megatron.cost.params import item_params
 from uniap_megatron.cost.schedule import inflight_points
 from uniap_megatron.cost.step import p2p_transfers
-from uniap_megatron.solver.mixed import composition_floor, composition_rows, tail_rows
+from uniap_megatron.solver.mixed import composition_floor, composition_rows, kinds_of, tail_rows
 from uniap_megatron.space.strategy import Recompute, RecomputeMethod, Strategy
 from uniap_megatron.spec.model import LayerKind, ModelSpec
 
@@ -430,7 +430,14 @@ def static_fits(model: ModelSpec, statics: dict[LayerKind, float], pp: int, capa
     if (room < 0).any():
         return False
     most = np.searchsorted(cheapest, room, side="right") - 1
-    return int(most.sum()) >= model.num_layers
+    if int(most.sum()) < model.num_layers:
+        return False
+    # The cheapest layers count on every rank above; but a rank holding d of the D
+    # minority layers holds at most d more than it could of the majority kind alone.
+    major, minor, D = kinds_of(model)
+    if minor is None or statics[major] <= 0:
+        return True
+    return int((room // statics[major]).sum()) + D >= model.num_layers
 
 
 def key_bound(
@@ -459,6 +466,19 @@ def key_bound(
     e = edges(probe, pp, statics)
     p = Profile(layers, e["time"], e["static"], e["act"], kappas, 0.0, capacity)
     z = slowest_rank_floor(rank_time_rows(p, rec), model.num_layers)
+    major, minor, D = kinds_of(model)
+    if math.isfinite(z) and minor is not None:
+        # A rank holding d of the D minority layers holds at most d more than it could of
+        # the majority kind alone (dropping those d leaves a rank that fits, and is faster).
+        p = dataclasses.replace(p, layers=_uniform_layers(probe.items[major], statics[major], model.num_layers - D))
+        z = max(z, slowest_rank_floor(rank_time_rows(p, rec), model.num_layers - D))
     if math.isfinite(z):
         z = max(z, item_work_floor(probe, model, rec) / pp)
     return microbatches * z + overhead_s
+
+
+def _uniform_layers(item, static: float, count: int) -> Layers:
+    """Layers for the floor when all ``count`` are like ``item``."""
+    T = np.arange(count + 1)
+    return Layers(time=item.time_s * T, recompute=item.recompute_s * T, static=static * T, act=item.act_bytes * T,
+                  act_min=item.act_bytes, ckpt_min=item.ckpt_bytes, recompute_min=item.recompute_s)
