@@ -263,15 +263,24 @@ def work_floor(costs: StepCosts, model: ModelSpec, rec: Recomputation, vpp: int)
 def item_work_floor(costs: StepCosts, model: ModelSpec, rec: Recomputation) -> float:
     """Sum over ranks of the items' time per micro-batch (no p2p transfers), at least."""
     items = costs.items
-    every = [items[k] for k in model.decoder_kinds] + [items[LayerKind.EMBEDDING], items[LayerKind.LOSS]]
-    every += [items[LayerKind.MTP]] * model.mtp_layers if model.mtp_layers else []
-    work = sum(c.time_s for c in every)
-    rhos = sorted(items[k].recompute_s for k in model.decoder_kinds)
+    counts = _kind_counts(model.decoder_kinds)
+    work = sum(n * items[k].time_s for k, n in counts)
+    work += items[LayerKind.EMBEDDING].time_s + items[LayerKind.LOSS].time_s
+    if model.mtp_layers:
+        work += model.mtp_layers * items[LayerKind.MTP].time_s
     if rec.kind == "all":
-        work += sum(rhos)
+        work += sum(n * items[k].recompute_s for k, n in counts)
     elif rec.kind == "range":
-        work += sum(rhos[: min(rec.lo, len(rhos))])
+        left = rec.lo  # the fewest recomputed layers, the cheapest to recompute first
+        for rho, n in sorted((items[k].recompute_s, n) for k, n in counts):
+            work += rho * min(n, left)
+            left -= min(n, left)
     return work
+
+
+@lru_cache(maxsize=64)
+def _kind_counts(kinds: tuple[LayerKind, ...]) -> tuple[tuple[LayerKind, int], ...]:
+    return tuple((k, kinds.count(k)) for k in sorted(set(kinds)))
 
 
 def tail_floor(tails: StepCosts, model: ModelSpec, times: StepCosts | None = None, *, recompute: bool) -> float:
