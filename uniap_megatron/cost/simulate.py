@@ -266,11 +266,32 @@ def programs(pp: int, vpp: int, m: int, *, overlap_p2p: bool) -> tuple[list[_Pro
     return progs, calls
 
 
+@dataclass(frozen=True)
+class _Compiled:
+    """A schedule ready to run: per rank its instructions with messages resolved
+    (``(COMPUTE, F|B, chunk, micro-batch)``, ``(POST, call, blocking)``, ``(WAIT,
+    message)``), per call its rank, its neighbours on the rank and its messages."""
+
+    code: tuple[tuple[tuple, ...], ...]
+    rank: tuple[int, ...]
+    previous: tuple[int, ...]
+    following: tuple[int, ...]
+    messages: tuple[tuple[int, ...], ...]
+    sender: tuple[int, ...]
+    receiver: tuple[int, ...]
+
+
 @lru_cache(maxsize=16)
-def _programs(pp: int, vpp: int, m: int, overlap_p2p: bool) -> tuple[list[_Program], _Calls]:
+def _compiled(pp: int, vpp: int, m: int, overlap_p2p: bool) -> _Compiled:
     """:func:`programs`, built once per schedule shape: the search simulates many plans of
     the same shape, and building the schedule costs as much as running it."""
-    return programs(pp, vpp, m, overlap_p2p=overlap_p2p)
+    progs, calls = programs(pp, vpp, m, overlap_p2p=overlap_p2p)
+    code = tuple(
+        tuple((WAIT, calls.messages[ins[1]][(ins[2], ins[3])]) if ins[0] == WAIT else ins for ins in prog.instructions)
+        for prog in progs
+    )
+    return _Compiled(code, tuple(calls.rank), tuple(calls.previous), tuple(calls.following),
+                     tuple(tuple(m.values()) for m in calls.messages), tuple(calls.sender), tuple(calls.receiver))
 
 
 def _match(calls: _Calls) -> None:
@@ -307,57 +328,70 @@ def simulate_pipeline(
     choice: on with interleaving. ``record=False`` keeps only the makespan (faster)."""
     pp, vpp = len(fwd), len(fwd[0])
     overlap = vpp > 1 if overlap_p2p is None else overlap_p2p
-    progs, calls = _programs(pp, vpp, num_microbatches, overlap)
-    times = (fwd, bwd)
+    schedule = _compiled(pp, vpp, num_microbatches, overlap)
+    code, rank_of, previous, following = schedule.code, schedule.rank, schedule.previous, schedule.following
+    messages, sender, receiver = schedule.messages, schedule.sender, schedule.receiver
     clock = [0.0] * pp
     pc = [0] * pp
+    # Ranks that may move on; each at most once in the queue. Every time is a function of
+    # the times it depends on, so the order in which ranks move changes none of them.
     ready = deque(range(pp))
+    queued = [True] * pp
     intervals: list[Interval] = []
     # The schedule is shared between simulations (cached); the times are this run's.
-    start: list[float | None] = [None] * len(calls.rank)
-    end: list[float | None] = [None] * len(calls.rank)
-    post: list[float | None] = [None] * len(calls.rank)
-    msg_start: list[float | None] = [None] * len(calls.sender)
-    msg_end: list[float | None] = [None] * len(calls.sender)
+    start: list[float | None] = [None] * len(rank_of)
+    end: list[float | None] = [None] * len(rank_of)
+    post: list[float | None] = [None] * len(rank_of)
+    msg_start: list[float | None] = [None] * len(sender)
+    msg_end: list[float | None] = [None] * len(sender)
 
     # A call starts once posted and once its rank's previous call has ended; a message
     # moves once both its calls have started; a call ends with its last message.
+    def wake(rank: int) -> None:
+        if not queued[rank]:
+            queued[rank] = True
+            ready.append(rank)
+
     def try_start(c: int) -> None:
         if c >= 0 and start[c] is None and post[c] is not None:
-            prev = calls.previous[c]
+            prev = previous[c]
             if prev >= 0 and end[prev] is None:
                 return
             start[c] = post[c] if prev < 0 else max(post[c], end[prev])
             ended = [c]
-            for m in calls.messages[c].values():
-                s, r = calls.sender[m], calls.receiver[m]
+            for m in messages[c]:
+                s, r = sender[m], receiver[m]
                 if msg_start[m] is None and start[s] is not None and start[r] is not None:
                     msg_start[m] = max(start[s], start[r])
                     msg_end[m] = msg_start[m] + p2p_s
-                    ready.append(calls.rank[s])
-                    ready.append(calls.rank[r])
+                    wake(rank_of[s])
+                    wake(rank_of[r])
                     ended.append(r if s == c else s)
             for x in ended:  # a call that ended lets its rank's next call start
-                if end[x] is None and all(msg_end[m] is not None for m in calls.messages[x].values()):
-                    end[x] = max([start[x]] + [msg_end[m] for m in calls.messages[x].values()])
-                    ready.append(calls.rank[x])
-                    try_start(calls.following[x])
+                if end[x] is None:
+                    arrived = [msg_end[m] for m in messages[x]]
+                    if None not in arrived:
+                        end[x] = max([start[x]] + arrived)
+                        wake(rank_of[x])
+                        try_start(following[x])
 
     def advance(r: int) -> None:
         """Run rank ``r`` until it must wait for a message."""
-        instructions = progs[r].instructions
+        instructions = code[r]
+        durations = (fwd[r], bwd[r])
         t = clock[r]
         i = pc[r]
-        while i < len(instructions):
+        n = len(instructions)
+        while i < n:
             ins = instructions[i]
-            code = ins[0]
-            if code == COMPUTE:
-                duration = times[ins[1]][r][ins[2]]
+            op = ins[0]
+            if op == COMPUTE:
+                duration = durations[ins[1]][ins[2]]
                 if record:
                     kind = "forward" if ins[1] == FWD else "backward"
                     intervals.append(Interval(r, t, t + duration, kind, ins[2], ins[3]))
                 t += duration
-            elif code == POST:
+            elif op == POST:
                 c = ins[1]
                 if post[c] is None:
                     post[c] = t
@@ -367,23 +401,25 @@ def simulate_pipeline(
                         break
                     t = max(t, end[c])
             else:
-                m = calls.messages[ins[1]][(ins[2], ins[3])]
-                if msg_end[m] is None:
+                arrival = msg_end[ins[1]]
+                if arrival is None:
                     break
-                t = max(t, msg_end[m])
+                t = max(t, arrival)
             i += 1
         clock[r], pc[r] = t, i
 
     while ready:
-        advance(ready.popleft())
-    stuck = [r for r in range(pp) if pc[r] < len(progs[r].instructions)]
+        r = ready.popleft()
+        queued[r] = False
+        advance(r)
+    stuck = [r for r in range(pp) if pc[r] < len(code[r])]
     if stuck:
         raise AssertionError(f"pipeline schedule deadlocks on ranks {stuck[:8]}")
     makespan = max(clock + [e for e in msg_end if e is not None])
     if record:
-        for m, (s, r) in enumerate(zip(calls.sender, calls.receiver)):
-            intervals.append(Interval(calls.rank[s], msg_start[m], msg_end[m], "send"))
-            intervals.append(Interval(calls.rank[r], msg_start[m], msg_end[m], "recv"))
+        for m, (s, r) in enumerate(zip(sender, receiver)):
+            intervals.append(Interval(rank_of[s], msg_start[m], msg_end[m], "send"))
+            intervals.append(Interval(rank_of[r], msg_start[m], msg_end[m], "recv"))
         intervals.sort(key=lambda i: (i.rank, i.start, i.end, i.kind))
     return Timeline(pp=pp, vpp=vpp, num_microbatches=num_microbatches, makespan_s=makespan, intervals=tuple(intervals))
 
