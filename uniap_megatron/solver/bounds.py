@@ -481,9 +481,17 @@ def key_bound(
         # the majority kind alone (dropping those d leaves a rank that fits, and is faster).
         p = dataclasses.replace(p, layers=_uniform_layers(probe.items[major], statics[major], model.num_layers - D))
         z = max(z, slowest_rank_floor(rank_time_rows(p, rec), model.num_layers - D))
-    if math.isfinite(z):
-        z = max(z, item_work_floor(probe, model, rec) / pp)
-    return microbatches * z + overhead_s
+    if not math.isfinite(z):
+        return math.inf
+    return max(microbatches * z + overhead_s, average_bound(probe, model, pp=pp, microbatches=microbatches, rec=rec,
+                                                           overhead_s=overhead_s))
+
+
+def average_bound(probe: StepCosts, model: ModelSpec, *, pp: int, microbatches: int, rec: Recomputation,
+                  overhead_s: float) -> float:
+    """The slowest rank works at least the average rank: every item at its own kind, the
+    MTP layers included (a first bound for a key, from its probe's item times alone)."""
+    return microbatches * item_work_floor(probe, model, rec) / pp + overhead_s
 
 
 def _uniform_layers(item, static: float, count: int) -> Layers:

@@ -32,6 +32,7 @@ from uniap_megatron.solver.background import Deferred, Helper, Shared, Simulatio
 from uniap_megatron.solver.bounds import (
     Layers,
     LayerTimes,
+    average_bound,
     cheapest_statics,
     Recomputation,
     item_statics,
@@ -161,7 +162,9 @@ class _Node:
     members: tuple[Strategy, ...] = field(compare=False, default=())
     costs: StepCosts | None = field(compare=False, default=None)
     size: int = field(compare=False, default=0)
-    refined: bool = field(compare=False, default=False)
+    stage: int = field(compare=False, default=0)
+    """Of a key: bounded by the average rank's work (0), by the floor over ranks (1), or
+    refined with its own costs (2)."""
     stale: bool = field(compare=False, default=False)
     """Superseded by its refined copy (refined ahead of its turn); skipped when popped."""
 
@@ -239,8 +242,9 @@ class _Search:
 
     # --------------------------------------------------------------- opening
     def open_family(self, f: Family, sizes: dict) -> None:
-        """Push the keys of a family with their bounds (no item costs built yet), unless
-        the weights and optimizer state alone cannot fit."""
+        """Push the keys of a family with a first bound, the average rank's work (one probe
+        per item-cost group), unless the weights and optimizer state alone cannot fit.
+        Most keys never come closer to the top: the floor over ranks waits for their turn."""
         if not static_fits(self.model, self.family_statics(f), f.pp, self.capacity):
             self.stats["memory"] += sum(sizes.values())
             self.stats["bounds"] += 1
@@ -248,11 +252,13 @@ class _Search:
         for (sp, rec), size in sizes.items():
                 if not size:
                     continue
-                bound = self.key_bound(f, sp, rec)
+                bound = self.average_bound(f, sp, rec)
                 order = (0, f.tp * f.pp * f.cp, f.tp, f.pp, f.cp, f.ep, f.mbs, rec.value, not sp)
                 self.push(_Node(bound, order, "key", f, sp, rec, size=size))
 
-    def key_bound(self, f: Family, sp: bool, rec: Recompute) -> float:
+    def probe(self, f: Family, sp: bool, rec: Recompute) -> tuple[tuple, StepCosts]:
+        """The item costs a key shares with every key of the same tp, cp, ep, mbs, sp and
+        recompute granularity (item times do not depend on pp or dp)."""
         selective = rec is Recompute.SELECTIVE
         pkey = (f.tp, f.cp, f.ep, f.mbs, sp, selective)
         probe = self.probes.get(pkey)
@@ -260,6 +266,16 @@ class _Search:
             probe = self.probes[pkey] = self.costs(Strategy(
                 tp=f.tp, pp=f.pp, cp=f.cp, ep=f.ep, dp=f.dp, sp=sp, mbs=f.mbs,
                 recompute=Recompute.SELECTIVE if selective else Recompute.NONE))
+        return pkey, probe
+
+    def average_bound(self, f: Family, sp: bool, rec: Recompute) -> float:
+        _, probe = self.probe(f, sp, rec)
+        microbatches = self.train.global_batch_size // (f.mbs * f.dp)
+        return average_bound(probe, self.model, pp=f.pp, microbatches=microbatches, rec=self._variants(f, rec),
+                             overhead_s=self.cluster.step_overhead_s)
+
+    def key_bound(self, f: Family, sp: bool, rec: Recompute) -> float:
+        pkey, probe = self.probe(f, sp, rec)
         skey = (f.tp, f.cp, f.pp, f.dp, f.ep)
         statics = self.family_statics(f)
         times = self.layer_times.get(pkey)
@@ -303,11 +319,11 @@ class _Search:
         batch = [node]
         if len(self.heap) >= REFINE_BATCH_NODES:
             soon = heapq.nsmallest(2 * REFINE_BATCH, self.heap)
-            batch += [n for n in soon if n.kind == "key" and not n.refined and not n.stale][: REFINE_BATCH - 1]
+            batch += [n for n in soon if n.kind == "key" and n.stage == 1 and not n.stale][: REFINE_BATCH - 1]
         bounds = self.refines.map([(n.family, n.sp, n.recompute) for n in batch])
         for n, bound in zip(batch, bounds):
             n.stale = n is not node
-            self.push(dataclasses.replace(n, bound=max(n.bound, bound), refined=True, stale=False))
+            self.push(dataclasses.replace(n, bound=max(n.bound, bound), stage=2, stale=False))
 
     def refined_bound(self, key: tuple[Family, bool, Recompute]) -> float:
         f, sp, rec = key
@@ -439,7 +455,10 @@ class _Search:
             if node.kind == "strategy" and self.found and self.stats["solved"] >= self.options.max_programs:
                 return node.bound, False
             heapq.heappop(self.heap)
-            if node.kind == "key" and not node.refined:
+            if node.kind == "key" and node.stage == 0:
+                bound = self.key_bound(node.family, node.sp, node.recompute)
+                self.push(dataclasses.replace(node, bound=max(node.bound, bound), stage=1))
+            elif node.kind == "key" and node.stage == 1:
                 self.refine_keys(node)
             elif node.kind == "key":
                 self.open_key(node)
