@@ -35,7 +35,7 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -109,6 +109,7 @@ class RankSide:
         self.levels = levels[levels >= self.empty_time.max() * (1 - EPS)]
         self.t_range = t_range
         self._block_cache: dict[tuple[int, int], tuple[np.ndarray, dict]] = {}
+        self._figures: dict[tuple[int, int, int], tuple] = {}
         self._first_level: np.ndarray | None = None
 
     def _chunk_tables(self, is_lead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,6 +158,26 @@ class RankSide:
     def rec_of(self, T: int) -> int:
         """R of the linear modes: nothing (keep) or every layer (uniform)."""
         return T if self.inst.mode is Mode.UNIFORM else 0
+
+    def split(self, T: int, level: int, R: int) -> tuple[int, ...]:
+        if self.linear:
+            row = self.backfill(self.caps(level), np.array([T]))[0]
+            return tuple(int(x) for x in row)
+        if level == -1:
+            level = self.top_level(T)
+        _, splits = self.block_options(T, level)
+        return tuple(int(x) for x in splits[R])
+
+    def figures(self, T: int, level: int, R: int) -> tuple[float, float, tuple[int, ...], float]:
+        """P, tail, split and largest chunk of this rank holding T layers, R recomputed, at
+        a level (the level searches ask for the same ones many times)."""
+        key = (T, level, R)
+        hit = self._figures.get(key)
+        if hit is None:
+            split = self.split(T, level, R)
+            largest = max(f + w[t] for f, w, t in zip(self.empty_time, self.work_of, split))
+            hit = self._figures[key] = (float(self.p(T, R)), float(self.tail(T, R)), split, largest)
+        return hit
 
     # ---------------------------------------------------------------- levels
     @cached_property
@@ -291,6 +312,16 @@ class RankSide:
         lowest, or the highest level when none is."""
         every = self._holds[0]
         return min(int(np.searchsorted(every, T, side="left")), len(self.levels) - 1)
+
+
+@lru_cache(maxsize=1024)
+def _groups(moves: tuple[tuple[int, int, int], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The target counts of ``(count, variant, target)`` moves, ascending, and per target
+    the indices of its moves in order, padded with ``len(moves)``."""
+    targets = sorted({nxt for _, _, nxt in moves})
+    by_target = [[i for i, (_, _, nxt) in enumerate(moves) if nxt == t] for t in targets]
+    width = max(len(g) for g in by_target)
+    return np.array(targets), np.array([g + [len(moves)] * (width - len(g)) for g in by_target])
 
 
 def canonical_block(total, recs: np.ndarray, m: int, cap: int, n: int) -> np.ndarray | None:
@@ -473,11 +504,15 @@ class Ranks:
                 return
 
     def _values(self, r: int, variant, side: RankSide, tab: dict, z: float, w: float, what: str):
-        """``_rank_values``, shared by the masters in which rank r plays the same role."""
+        """``_rank_values`` and the range of T it allows, shared by the masters in which
+        rank r plays the same role."""
         key = (r, self.roles[r], variant, z, w, what)
         hit = self._cache.rank_values.get(key)
         if hit is None:
-            hit = self._cache.rank_values[key] = self._rank_values(side, tab, z, w, what)
+            vals, how = self._rank_values(side, tab, z, w, what)
+            held = np.flatnonzero(vals < math.inf)  # the T this rank may hold: a short run
+            span = (int(held[0]), int(held[-1]) + 1) if len(held) else None
+            hit = self._cache.rank_values[key] = (vals, how, span)
         return hit
 
     def dp(self, z: float, w: float, what: str) -> Pick | None:
@@ -513,12 +548,13 @@ class Ranks:
             back_v = np.zeros((L + 1, D + 1), dtype=int)
             # Every move (count c -> nxt with a variant) at once, over the few T this rank
             # may hold; per nxt the first best move wins, as in a scan of them in order.
-            held = {v: np.flatnonzero(vals < inf) for v, (vals, _) in values.items()}
-            moves = [(c, variants.index(v), nxt) for c in range(D + 1) if (F[:, c] < inf).any()
-                     for v, nxt in self.moves(c) if v in values and len(held[v])]
+            index = {v: i for i, v in enumerate(variants)}
+            live = (F < inf).any(axis=0)
+            moves = [(c, index[v], nxt) for c in range(D + 1) if live[c]
+                     for v, nxt in self.moves(c) if v in values and values[v][2] is not None]
             if moves:
-                lo = min(int(held[variants[v]][0]) for _, v, _ in moves)
-                hi = max(int(held[variants[v]][-1]) for _, v, _ in moves) + 1
+                lo = min(values[variants[v]][2][0] for _, v, _ in moves)
+                hi = max(values[variants[v]][2][1] for _, v, _ in moves)
                 cs, vs, nxts = (np.array(x) for x in zip(*moves))
                 # inf where t > total: combining it with a rank's value (never -inf) stays inf.
                 before = np.where(valid[:, lo:hi, None], F[shift[:, lo:hi]], inf)  # [total, t, c]
@@ -526,16 +562,17 @@ class Ranks:
                 cand = combine(np.moveaxis(before, 2, 0)[cs], vals[:, None, :])  # [move, total, t]
                 t_best = np.argmin(cand, axis=2)
                 value = np.take_along_axis(cand, t_best[..., None], axis=2)[..., 0]  # [move, total]
-                for nxt in np.unique(nxts):
-                    of = np.flatnonzero(nxts == nxt)
-                    j = of[np.argmin(value[of], axis=0)]
-                    best[:, nxt] = value[j, rows]
-                    back_t[:, nxt] = t_best[j, rows] + lo
-                    back_c[:, nxt] = cs[j]
-                    back_v[:, nxt] = vs[j]
+                targets, groups = _groups(tuple(moves))
+                # Per target count, its moves in order (padded with a row of inf).
+                value = np.vstack([value, np.full(L + 1, inf)])
+                j = groups[np.arange(len(targets))[:, None], np.argmin(value[groups], axis=1)]  # [target, total]
+                best[:, targets] = value[j, rows].T
+                back_t[:, targets] = (np.vstack([t_best, np.zeros(L + 1, dtype=int)])[j, rows] + lo).T
+                back_c[:, targets] = np.append(cs, 0)[j].T
+                back_v[:, targets] = np.append(vs, 0)[j].T
             F = best
             backs.append((back_t, back_c, back_v, variants))
-            hows.append({v: h for v, (_, h) in values.items()})
+            hows.append({v: h for v, (_, h, _) in values.items()})
             done[key] = (F, backs[-1], hows[-1])
         if not math.isfinite(F[L, D]):
             return None
@@ -553,22 +590,12 @@ class Ranks:
     def _pick(self, value: float, choice) -> Pick:
         ps, cs, ws, counts = [], [], [], []
         for by_side, (T, variant, (level, R)) in zip(self.sides, choice):
-            side = by_side[variant]
-            ps.append(float(side.p(T, R)))
-            ws.append(float(side.tail(T, R)))
-            split = self.split(side, T, level, R)
+            p, w, split, c = by_side[variant].figures(T, level, R)
+            ps.append(p)
+            ws.append(w)
             counts.append(split)
-            cs.append(max(f + w[t] for f, w, t in zip(side.empty_time, side.work_of, split)))
+            cs.append(c)
         return Pick(value, max(ps), sum(cs), max(ws), (counts, self.mtp_stage))
-
-    def split(self, side: RankSide, T: int, level: int, R: int) -> tuple[int, ...]:
-        if side.linear:
-            row = side.backfill(side.caps(level), np.array([T]))[0]
-            return tuple(int(x) for x in row)
-        if level == -1:
-            level = side.top_level(T)
-        _, splits = side.block_options(T, level)
-        return tuple(int(x) for x in splits[R])
 
 
 class SideCache:
