@@ -85,6 +85,21 @@ class Helper:
         """Jobs sent whose results have not come back."""
         return self.sent - self.received
 
+    @property
+    def idle(self) -> bool:
+        """Whether the helper has finished every job sent (results back but not taken
+        count as finished)."""
+        if self.conn is None:
+            return False
+        try:
+            while self.backlog and self.conn.poll():
+                self.results[self.received] = self.conn.recv()
+                self.received += 1
+        except (EOFError, OSError):
+            self.close()
+            return False
+        return not self.backlog
+
     def send(self, kind: str, argument: Any) -> int | None:
         """Queue a job; returns its ticket, or None when the helper is not there (any more)."""
         if self.conn is None:
@@ -185,7 +200,7 @@ class Shared:
 
     def map(self, arguments: list) -> list:
         half = len(arguments) // 2
-        if not half or self.helper.backlog or not self.helper.available:
+        if not half or not self.helper.available or not self.helper.idle:
             return [self.compute(a) for a in arguments]
         tickets = [self.helper.send(self.kind, a) for a in arguments[half:]]
         mine = [self.compute(a) for a in arguments[:half]]
