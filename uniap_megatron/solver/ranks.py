@@ -199,11 +199,6 @@ class RankSide:
     def caps(self, level: int) -> np.ndarray:
         return self._caps_all[level]
 
-    def unlimited(self, level: int, T: int) -> bool:
-        """At this level no chunk's capacity binds a rank of T layers."""
-        caps = self.caps(level)
-        return bool(np.all((caps >= T) | (self.cap_limit == 0)))
-
     def peak(self, splits: np.ndarray, T) -> np.ndarray:
         """Peak memory of rows of per-chunk counts."""
         kept = np.stack([k[splits[..., c]] for c, k in enumerate(self.kept_of)], axis=-1)
@@ -251,14 +246,14 @@ class RankSide:
 
     # ----------------------------------------------------------- block mode
     def block_options(self, T: int, level: int) -> tuple[np.ndarray, np.ndarray]:
-        """Which R fit at this level (bool over 0..T), with a split each (row R of the
-        second array): the special chunks enumerated, the plain ones split canonically
-        (for the linear modes that is filling from the back: R is 0 or T)."""
+        """Block recompute: which R fit at this level (bool over 0..T), with a split each
+        (row R of the second array): the special chunks enumerated, the plain ones split
+        canonically."""
         key = (T, level)
         hit = self._block_cache.get(key)
         if hit is not None:
             return hit
-        n, caps, mode = self.n, self.caps(level), self.inst.mode
+        n, caps = self.n, self.caps(level)
         ranges = [range(self.lead if k == 0 else 0, min(int(caps[k]), T) + 1) for k in self.special]
         plain_cap = int(caps[self.plain[0]]) if self.plain else 0
         m = len(self.plain)
@@ -269,15 +264,11 @@ class RankSide:
         # One row per (combination, R of the plain chunks), in that order: the first row
         # that fits sets the split of its R.
         combo = np.nonzero((rests >= 0) & (rests <= m * plain_cap))[0]
-        per_combo = rests[combo] + 1 if mode is Mode.BLOCK else np.ones(len(combo), dtype=int)
+        per_combo = rests[combo] + 1
         combo = np.repeat(combo, per_combo)
         rest = rests[combo]
-        if mode is Mode.KEEP:
-            r_plain = np.zeros(len(combo), dtype=int)
-        elif mode is Mode.UNIFORM:
-            r_plain = rest
-        else:  # 0..rest for each combination
-            r_plain = np.arange(len(combo)) - np.repeat(np.cumsum(per_combo) - per_combo, per_combo)
+        # R of the plain chunks: 0..rest for each combination.
+        r_plain = np.arange(len(combo)) - np.repeat(np.cumsum(per_combo) - per_combo, per_combo)
         if m:
             part = canonical_block(rest[:, None], r_plain, m, plain_cap, n)
             good = part.sum(axis=1) == rest
@@ -415,11 +406,10 @@ class Ranks:
                 "w": np.where(ok, side.tail(Ts, R), math.inf),
                 "R": R,
             }
-        # [T, R] tables over the rank's range of T: R fits at the top level, its P and
-        # tail; and the first level at which it fits, found lazily (the levels searched so
-        # far per T in ``scanned``). R runs up to the most layers a rank can recompute:
-        # none (keep), all (uniform), n per chunk (block).
-        width = 1 + {Mode.KEEP: 0, Mode.UNIFORM: L, Mode.BLOCK: min(L, side.n * side.v)}[side.inst.mode]
+        # Block recompute: [T, R] tables over the rank's range of T: R fits at the top
+        # level, its P and tail; and the first level at which it fits, found lazily (the
+        # levels searched so far per T in ``scanned``). R is at most n per chunk.
+        width = 1 + min(L, side.n * side.v)
         Ts = np.arange(side.t_range.start, max(side.t_range.stop, side.t_range.start))
         feasible = np.zeros((len(Ts), width), dtype=bool)
         top = np.full(len(Ts), -1)

@@ -4,8 +4,9 @@ The space is a tree. A *family* fixes tp, cp, pp, dp, ep and mbs; a *key* adds s
 parallelism and the recompute granularity, which fixes what every item costs; a *shape*
 adds vpp; a *strategy* adds the full-recompute method and count. Each node has a lower
 bound on the step time of every strategy below it (:mod:`bounds`), and nodes are opened
-in increasing order of bound: a key costs a few parameter counts, a shape one
-``step_costs``, a strategy one layout problem (:mod:`layouts`). The search stops when the
+in increasing order of bound: a key is bounded in steps, each when it reaches the top of
+the queue (its average rank's work, the floor over ranks, its own costs), a shape costs
+one ``step_costs``, a strategy one layout problem (:mod:`layouts`). The search stops when the
 next bound cannot beat the k-th best plan, which makes the answer proven optimal; most of
 the space is never built.
 
@@ -473,7 +474,7 @@ class _Search:
         return None, True
 
     def finish(self) -> None:
-        """Read the program and every simulation still running."""
+        """Read the programs and the simulations still running."""
         self.programs.settle()
         self.sims.settle()
 
