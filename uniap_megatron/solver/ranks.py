@@ -222,12 +222,15 @@ class RankSide:
         if self._first_level is not None:
             return self._first_level
         first = np.full(self.L + 1, -1)
-        Ts = np.array([T for T in self.t_range if self.lowest_level(T) >= 0], dtype=int)
+        every, total = self._holds
+        Ts = np.arange(self.t_range.start, max(self.t_range.stop, self.t_range.start))
+        Ts = Ts[Ts <= total[-1]]
         if len(Ts):
             # A higher level only moves layers further back, so fitting is monotone in the
-            # level, and above top_level the split no longer changes: bisect every T at once.
-            lo = np.array([self.lowest_level(int(T)) for T in Ts])
-            hi = np.array([self.top_level(int(T)) for T in Ts])
+            # level, and above top_level the split no longer changes: bisect every T at
+            # once, between lowest_level and top_level.
+            lo = np.searchsorted(total, Ts, side="left")
+            hi = np.minimum(np.searchsorted(every, Ts, side="left"), len(self.levels) - 1)
             found = self._fits(Ts, hi)
             Ts, lo, hi = Ts[found], lo[found], hi[found]
             while (lo < hi).any():
