@@ -345,13 +345,13 @@ def simulate_pipeline(
     msg_start: list[float | None] = [None] * len(sender)
     msg_end: list[float | None] = [None] * len(sender)
 
-    # A call starts once posted and once its rank's previous call has ended; a message
-    # moves once both its calls have started; a call ends with its last message.
     def wake(rank: int) -> None:
         if not queued[rank]:
             queued[rank] = True
             ready.append(rank)
 
+    # A call starts once posted and once its rank's previous call has ended; a message
+    # moves once both its calls have started; a call ends with its last message.
     def try_start(c: int) -> None:
         if c >= 0 and start[c] is None and post[c] is not None:
             prev = previous[c]

@@ -93,8 +93,7 @@ class Helper:
             return False
         try:
             while self.backlog and self.conn.poll():
-                self.results[self.received] = self.conn.recv()
-                self.received += 1
+                self._receive()
         except (EOFError, OSError):
             self.close()
             return False
@@ -119,12 +118,16 @@ class Helper:
             return False, EOFError("the helper process was lost")
         try:
             while ticket >= self.received:
-                self.results[self.received] = self.conn.recv()
-                self.received += 1
+                self._receive()
         except (EOFError, OSError) as err:
             self.close()
             return False, err
         return self.results.pop(ticket)
+
+    def _receive(self) -> None:
+        """Keep the next result that comes back (they come in the order sent)."""
+        self.results[self.received] = self.conn.recv()
+        self.received += 1
 
     def close(self) -> None:
         """Stop the helper; results not taken yet are lost."""

@@ -32,7 +32,7 @@ from uniap_megatron.cost.items import StepCosts, static_bytes
 from uniap_megatron.cost.params import item_params
 from uniap_megatron.cost.schedule import inflight_points
 from uniap_megatron.cost.step import p2p_transfers
-from uniap_megatron.solver.mixed import composition_floor, composition_rows, kinds_of, tail_rows
+from uniap_megatron.solver.mixed import composition_floor, composition_rows, kind_counts, kinds_of, tail_rows
 from uniap_megatron.space.strategy import Recompute, RecomputeMethod, Strategy
 from uniap_megatron.spec.model import LayerKind, ModelSpec
 
@@ -95,7 +95,7 @@ class LayerTimes:
 
     @classmethod
     def of(cls, costs: StepCosts, kinds: tuple[LayerKind, ...]) -> LayerTimes:
-        counts = {k: kinds.count(k) for k in set(kinds)}
+        counts = dict(kind_counts(kinds))
         items = {k: costs.items[k] for k in counts}
 
         def cheapest(attr) -> np.ndarray:
@@ -263,7 +263,7 @@ def work_floor(costs: StepCosts, model: ModelSpec, rec: Recomputation, vpp: int)
 def item_work_floor(costs: StepCosts, model: ModelSpec, rec: Recomputation) -> float:
     """Sum over ranks of the items' time per micro-batch (no p2p transfers), at least."""
     items = costs.items
-    counts = _kind_counts(model.decoder_kinds)
+    counts = kind_counts(model.decoder_kinds)
     work = sum(n * items[k].time_s for k, n in counts)
     work += items[LayerKind.EMBEDDING].time_s + items[LayerKind.LOSS].time_s
     if model.mtp_layers:
@@ -276,11 +276,6 @@ def item_work_floor(costs: StepCosts, model: ModelSpec, rec: Recomputation) -> f
             work += rho * min(n, left)
             left -= min(n, left)
     return work
-
-
-@lru_cache(maxsize=64)
-def _kind_counts(kinds: tuple[LayerKind, ...]) -> tuple[tuple[LayerKind, int], ...]:
-    return tuple((k, kinds.count(k)) for k in sorted(set(kinds)))
 
 
 def tail_floor(tails: StepCosts, model: ModelSpec, times: StepCosts | None = None, *, recompute: bool) -> float:

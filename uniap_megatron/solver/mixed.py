@@ -12,6 +12,7 @@ dynamic program over ranks enforces for every candidate value of Z at once.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -22,10 +23,15 @@ FIT = 1 + 1e-9
 NONE = -(10**9)
 
 
+@lru_cache(maxsize=64)
+def kind_counts(kinds: tuple[LayerKind, ...]) -> tuple[tuple[LayerKind, int], ...]:
+    """How many layers of each kind, by kind (the bounds ask for it for every key)."""
+    return tuple((k, kinds.count(k)) for k in sorted(set(kinds)))
+
+
 def kinds_of(model: ModelSpec) -> tuple[LayerKind, LayerKind | None, int]:
     """(majority kind, minority kind or None, minority count)."""
-    kinds = model.decoder_kinds
-    counts = {k: kinds.count(k) for k in set(kinds)}
+    counts = dict(kind_counts(model.decoder_kinds))
     if len(counts) == 1:
         return next(iter(counts)), None, 0
     major, minor = sorted(counts, key=lambda k: (-counts[k], k.value))

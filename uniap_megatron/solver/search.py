@@ -425,13 +425,14 @@ class _Search:
         too)."""
         (s,) = node.members
         costs, cutoff = node.costs, self.cutoff()
+        if not math.isfinite(cutoff):
+            even = even_layout(num_layers=self.model.num_layers, pp=s.pp, vpp=s.vpp,
+                               mtp_num_layers=self.model.mtp_layers)
+            est = evaluate(costs, even, self.model, self.capacity)
+            if est.fits:
+                cutoff = est.step_time_s
         if math.isfinite(cutoff):
             return combinatorial_layout(costs, self.model, self.capacity, cutoff_s=cutoff * (1 + REL_TOL))
-        even = even_layout(num_layers=self.model.num_layers, pp=s.pp, vpp=s.vpp,
-                           mtp_num_layers=self.model.mtp_layers)
-        est = evaluate(costs, even, self.model, self.capacity)
-        if est.fits:
-            return combinatorial_layout(costs, self.model, self.capacity, cutoff_s=est.step_time_s * (1 + REL_TOL))
         total = 0.0
         for limit in (node.bound * 1.02, node.bound * 1.1, math.inf):
             result = best_layout(costs, self.model, self.capacity, cutoff_s=limit * (1 + REL_TOL),
