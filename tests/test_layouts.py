@@ -10,6 +10,7 @@ from instances import layout_problem
 from uniap_megatron.cost.step import evaluate
 from uniap_megatron.solver.layouts import best_layout
 from uniap_megatron.solver.oracle import brute_force
+from uniap_megatron.space.strategy import RecomputeMethod
 
 REL = 1e-6
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -53,7 +54,13 @@ def test_mixed_layers_match_brute_force(problem):
 @settings(max_examples=80, **SETTINGS)
 @given(layout_problem(prefix=True, max_layers=6))
 def test_dense_first_layers_match_brute_force(problem):
-    check(*problem)
+    """Dense layers before MoE ones, with interleaving: the per-rank solver alone, also
+    when the first chunks hold fewer than the dense layers (the later tiers)."""
+    got = check(*problem)
+    s = problem[0].strategy
+    relaxed = s.recompute_method is RecomputeMethod.UNIFORM and s.recompute_num_layers > 1
+    if not relaxed:
+        assert got.programs == 0 and got.method in ("chain", "ranks")
 
 
 @settings(max_examples=15, **SETTINGS)

@@ -14,14 +14,14 @@ from uniap_megatron.cost.step import evaluate
 from uniap_megatron.space.layout import even_layout
 from uniap_megatron.errors import InfeasibleError
 from uniap_megatron.plan import Plan
-from uniap_megatron.solver.layouts import best_layout
+from uniap_megatron.solver.layouts import PendingProgram, best_layout
 from uniap_megatron.solver.search import SearchOptions, search, significant, strategy_key
 from uniap_megatron.space.candidates import enumerate_strategies, family_size, family_strategies, strategy_families
 
 TINY = ("model=tiny", "cluster=dgx_h100", "cluster.num_nodes=1", "cluster.memory_reserve_gib=0",
         "train.global_batch_size=16")
-TINY_MOE = ("+model.num_moe_experts=4", "+model.moe_layer_freq=[0,1,1,1,1,1]", "+model.mtp_num_layers=1",
-            "cluster.gpus_per_node=4")
+MOE_LAYERS = ("+model.num_moe_experts=4", "+model.mtp_num_layers=1", "cluster.gpus_per_node=4")
+TINY_MOE = (*MOE_LAYERS, "+model.moe_layer_freq=[0,1,1,1,1,1]")
 
 
 def every_strategy(req):
@@ -160,30 +160,63 @@ def test_work_in_a_helper_process_changes_nothing(monkeypatch):
     assert plans[0] == plans[1] and stats[0] == stats[1]
 
 
-def test_programs_run_beside_the_search_and_change_nothing(monkeypatch):
-    """Mixed integer programs (here: the layouts of a model with dense first layers whose
-    first chunks hold fewer than those) run in the helper while the search goes on with
-    the layout found so far, and are read at fixed points: the plan and the statistics
-    are those of one process, and the closed form's best plans those of solving every
-    strategy in turn."""
+@pytest.mark.parametrize("pattern, deferred", [
+    ("[0,0,1,1,1,1]", "later tiers"),  # a dense prefix: layouts whose first chunks hold fewer
+    ("[0,1,0,1,1,1]", "programs"),  # dense and MoE layers mixed: mixed integer programs
+])
+def test_deferred_layout_problems_run_beside_the_search_and_change_nothing(monkeypatch, pattern, deferred):
+    """What the combinatorial solvers leave open runs in the helper while the search goes
+    on with the layout found so far, and is read at fixed points: the plan and the
+    statistics are those of one process, and the closed form's best plans those of
+    solving every strategy in turn."""
     import uniap_megatron.solver.background as background
+    import uniap_megatron.solver.search as search_module
 
-    forked = []
+    forked, pending = [], []
     available = background.Helper.available
     monkeypatch.setattr(background.Helper, "available",
                         property(lambda self: forked.append(available.fget(self)) or forked[-1]))
-    req = request(*TINY, *TINY_MOE, "cluster.memory_gib=0.004")
-    plans, stats, closed = [], [], []
+    combinatorial = search_module.combinatorial_layout
+    monkeypatch.setattr(search_module, "combinatorial_layout",
+                        lambda *a, **k: pending.append(combinatorial(*a, **k)) or pending[-1])
+    req = request(*TINY, *MOE_LAYERS, f"+model.moe_layer_freq={pattern}", "cluster.memory_gib=0.004")
+    plans, stats, closed, deferred_jobs = [], [], [], []
     for workers in (1, 2):
+        pending.clear()
         result = search(req.model, req.cluster, req.train, req.pins, SearchOptions(workers=workers))
         plans.append(Plan.from_search(result, req.model, req.cluster, req.train).to_json(with_timing=False))
         stats.append(dataclasses.replace(result.stats, wall_s=0.0, solver_time_s=0.0))
         closed.append([(x.strategy, significant(x.estimate.step_time_s)) for x in result.closed_form])
+        deferred_jobs.append(sum(isinstance(p, PendingProgram) and p.later_tiers == (deferred == "later tiers")
+                                 for p in pending))
     assert False in forked and True in forked, "the first search worked alone, the second with the helper"
     assert plans[0] == plans[1] and stats[0] == stats[1]
-    assert stats[0].mixed_integer_programs >= 2 and stats[0].complete and stats[0].max_gap == 0
+    assert deferred_jobs[0] == deferred_jobs[1] >= 2
+    assert stats[0].complete and stats[0].max_gap == 0
+    if deferred == "programs":
+        assert stats[0].mixed_integer_programs >= 2
     want = every_strategy(req)
     assert closed[0] == [(s, t) for t, _, s in want[:5]]
+
+
+def test_later_tiers_past_their_work_limit_leave_a_plan_and_its_gap(monkeypatch):
+    """The later tiers of a dense-prefix model (layouts whose first chunks hold fewer
+    than the dense layers) stop at a fixed amount of work: the layout found so far
+    stands, with the bound of the tiers left as its gap."""
+    import uniap_megatron.solver.ranks as ranks
+
+    req = request(*TINY, *MOE_LAYERS, "+model.moe_layer_freq=[0,0,1,1,1,1]", "cluster.memory_gib=0.004")
+    proven = search(req.model, req.cluster, req.train, req.pins)
+    assert proven.stats.complete and proven.stats.max_gap == 0 and proven.stats.search_gap == 0
+    monkeypatch.setattr(ranks, "LATER_TIERS_CALLS", 0)
+    limited = search(req.model, req.cluster, req.train, req.pins)
+    st = limited.stats
+    assert "feasible" in st.statuses and max(st.max_gap, st.search_gap) > 0
+    assert all(x.estimate.fits for x in limited.closed_form)
+    best = proven.closed_form[0].estimate.step_time_s
+    assert min(x.estimate.step_time_s for x in limited.closed_form) >= best * (1 - 1e-12)
+    again = search(req.model, req.cluster, req.train, req.pins)
+    assert [x.strategy for x in again.closed_form] == [x.strategy for x in limited.closed_form]
 
 
 def test_a_program_stopped_at_a_limit_leaves_a_plan_and_its_gap(monkeypatch):
@@ -196,12 +229,12 @@ def test_a_program_stopped_at_a_limit_leaves_a_plan_and_its_gap(monkeypatch):
     def stopped(costs, *args, **kwargs):
         raise SolverError(f"solver highs ended with status TimeLimit and no solution for {costs.strategy.short()}")
 
-    req = request(*TINY, *TINY_MOE, "cluster.memory_gib=0.004")
+    req = request(*TINY, *MOE_LAYERS, "+model.moe_layer_freq=[0,1,0,1,1,1]", "cluster.memory_gib=0.004")
     proven = search(req.model, req.cluster, req.train, req.pins)
     monkeypatch.setattr(program, "solve_layout", stopped)
     result = search(req.model, req.cluster, req.train, req.pins)
     st = result.stats
-    assert st.mixed_integer_programs == proven.stats.mixed_integer_programs
+    assert proven.stats.mixed_integer_programs > 0 and st.mixed_integer_programs > 0
     # Here some programs had a layout from the per-rank solver (kept, with a gap) and
     # some had none (the strategy stays open, with its bound in the search's gap).
     assert st.max_gap > 0 and st.programs_unsolved > 0 and not st.complete

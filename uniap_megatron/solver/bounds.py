@@ -359,10 +359,11 @@ def _bound(costs: StepCosts, model: ModelSpec, capacity: float, vpp: int, rec: R
     return a * z + rest + costs.embedding_sync_s + costs.overhead_s
 
 
-def spilled_bound(costs: StepCosts, model: ModelSpec, capacity: float, dense: int) -> float:
-    """Lower bound for the layouts of an interleaved strategy whose first chunks (stages
-    0..pp-1) hold fewer than ``dense`` layers in all: nearly everything runs in the other
-    v - 1 chunks, so ``sum_r C_r >= (sum_r P_r - sum_r c_r0) / (v - 1)``."""
+def spilled_bound(costs: StepCosts, model: ModelSpec, capacity: float, held: int, tiers: int = 1) -> float:
+    """Lower bound for the layouts of an interleaved strategy whose first ``tiers`` chunks
+    per rank (stages 0..tiers * pp - 1) hold at most ``held`` layers in all: nearly
+    everything runs in the other v - tiers chunks, so
+    ``sum_r C_r >= (sum_r P_r - sum of those stages) / (v - tiers)``."""
     s = costs.strategy
     v, pp = s.vpp, s.pp
     rec = recomputation(s)
@@ -371,9 +372,9 @@ def spilled_bound(costs: StepCosts, model: ModelSpec, capacity: float, dense: in
         return math.inf
     items = costs.items
     stages = pp * v
-    first = items[LayerKind.EMBEDDING].time_s + sum(costs.p2p_s * p2p_transfers(stages, r) for r in range(pp))
-    first += (dense - 1) * max(items[k].time_s + items[k].recompute_s for k in set(model.decoder_kinds))
-    rest = max(0.0, work_floor(costs, model, rec, v) - first) / (v - 1)
+    first = items[LayerKind.EMBEDDING].time_s + sum(costs.p2p_s * p2p_transfers(stages, i) for i in range(tiers * pp))
+    first += held * max(items[k].time_s + items[k].recompute_s for k in set(model.decoder_kinds))
+    rest = max(0.0, work_floor(costs, model, rec, v) - first) / (v - tiers)
     a = costs.num_microbatches - 1 / v
     return a * z + rest + tail_floor(costs, model, recompute=rec is not KEEP) + costs.embedding_sync_s + costs.overhead_s
 

@@ -2,8 +2,10 @@
 mixed integer program where they do not.
 
 - vpp = 1: :mod:`chain` (exact for any layer kinds, recomputation and MTP);
-- vpp > 1 with identical decoder layers: :mod:`ranks` (exact; uniform groups of two or
-  more are relaxed);
+- vpp > 1 with identical decoder layers, or dense layers before MoE ones: :mod:`ranks`
+  (exact; uniform groups of two or more are relaxed). With a dense prefix it answers for
+  the layouts whose dense layers lie in first chunks, and the others are decided apart
+  (:func:`ranks.solve_later_tiers`) when their bound beats that answer;
 - otherwise :mod:`ranks` on a relaxation gives a lower bound and a first layout; when
   that layout does not meet the bound, the program (:mod:`program`) closes the gap,
   warm-started and cut off by both.
@@ -11,8 +13,9 @@ mixed integer program where they do not.
 Every layout returned is priced by ``evaluate``; the solvers' own objective must agree.
 
 :func:`best_layout` does it all in turn. The search splits it: :func:`combinatorial_layout`
-answers or leaves a :class:`PendingProgram`, whose program (:func:`run_program`, a pure
-function) can run in another process, and :func:`settle_program` joins the two answers.
+answers or leaves a :class:`PendingProgram`, whose program or later tiers
+(:func:`run_program`, a pure function) can run in another process, and
+:func:`settle_program` joins the two answers.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from uniap_megatron.cost.step import Estimate, evaluate
 from uniap_megatron.solver.chain import solve_chain
 from uniap_megatron.solver.instance import Instance
 from uniap_megatron.solver.options import SolverOptions
-from uniap_megatron.solver.ranks import solve_ranks
+from uniap_megatron.solver.levels import any_fits
+from uniap_megatron.solver.ranks import solve_later_tiers, solve_ranks
 from uniap_megatron.space.layout import Layout
 from uniap_megatron.spec.model import ModelSpec
 
@@ -73,11 +77,16 @@ class PendingProgram:
     """The caller's cutoff, or the incumbent's step time if lower."""
     lower_bound_s: float
     start: Layout | None
-    first_chunk_at_most: int | None
     layout: Layout | None
     incumbent: Estimate | None
     """The layout found so far and its estimate, when it fits."""
     elapsed_s: float
+    later_tiers: bool = False
+    """What remains is not a program but the layouts of a dense-prefix model whose first
+    chunks hold fewer than its dense layers (exact); the incumbent is optimal among the
+    others."""
+    fits: bool | None = None
+    """With ``later_tiers``: whether a layout of the others fits."""
 
     def provisional(self) -> LayoutResult | None:
         """The incumbent as a result, optimal unless the program finds better."""
@@ -111,7 +120,7 @@ def combinatorial_layout(costs: StepCosts, model: ModelSpec, capacity: float, *,
     inst = Instance(costs, model, capacity)
     s = costs.strategy
     budget = cutoff_s - inst.constant
-    region = None
+    later = None
     if s.vpp == 1:
         outcome, exact, method = solve_chain(inst, budget), True, "chain"
         counts, mtp = outcome.best.plan if outcome.best else (None, None)
@@ -120,15 +129,22 @@ def combinatorial_layout(costs: StepCosts, model: ModelSpec, capacity: float, *,
         ranks = solve_ranks(inst, budget)
         outcome, exact, method = ranks.outcome, ranks.exact, "ranks"
         counts, mtp, lower = ranks.counts, ranks.mtp_stage, ranks.bound
-        region = ranks.open_first_chunks
-    if outcome.best is None and (exact or not math.isfinite(lower)):
+        later = ranks.later_bound
+    if outcome.best is None and (exact or not math.isfinite(lower)) and later is None:
         # Exact or relaxed, nothing fits or nothing beats the cutoff.
         return LayoutResult(None, None, outcome.fits, True, 0.0, method, 0, time.perf_counter() - started)
-    bound = lower + inst.constant
     layout = est = None
     if counts is not None:
         layout = Layout(stages=layout_text(model, counts, mtp), pp=s.pp)
         est = evaluate(costs, layout, model, capacity)
+    if later is not None:
+        # Exact among the layouts whose dense layers lie in first chunks; the others remain.
+        return PendingProgram(
+            costs=costs, cutoff_s=cutoff_s, program_cutoff_s=min(cutoff_s, est.step_time_s) if est else cutoff_s,
+            lower_bound_s=min(lower, later) + inst.constant, start=None, layout=layout, incumbent=est,
+            elapsed_s=time.perf_counter() - started, later_tiers=True, fits=outcome.fits,
+        )
+    bound = lower + inst.constant
     if exact:
         assert est.fits and abs(est.step_time_s - bound) <= AGREE * bound, (
             f"{s.short()}: the {method} solver's objective {bound} disagrees with evaluate "
@@ -136,16 +152,14 @@ def combinatorial_layout(costs: StepCosts, model: ModelSpec, capacity: float, *,
         )
         return LayoutResult(layout, est, True, True, 0.0, method, 0, time.perf_counter() - started)
     incumbent = est if est is not None and est.fits else None
-    # With ``region`` the incumbent is optimal among all layouts but those whose first
-    # chunks hold at most ``region`` layers: the program decides that region alone.
     if incumbent is not None and incumbent.step_time_s <= bound * (1 + AGREE):
         # The relaxation's layout meets the relaxation's bound: optimal.
         return LayoutResult(layout, est, True, True, 0.0, method, 0, time.perf_counter() - started)
     return PendingProgram(
         costs=costs, cutoff_s=cutoff_s,
         program_cutoff_s=min(cutoff_s, incumbent.step_time_s) if incumbent else cutoff_s,
-        lower_bound_s=bound, start=layout if incumbent and region is None else None,
-        first_chunk_at_most=region, layout=layout if incumbent else None, incumbent=incumbent,
+        lower_bound_s=bound, start=layout if incumbent else None,
+        layout=layout if incumbent else None, incumbent=incumbent,
         elapsed_s=time.perf_counter() - started,
     )
 
@@ -157,15 +171,36 @@ class Unsolved:
     reason: str
 
 
+@dataclass(frozen=True)
+class LaterTiers:
+    """The best layout of the later tiers, if one beats the cutoff."""
+
+    layout: Layout | None
+    fits: bool | None
+    open_s: float | None = None
+    """A lower bound of the tiers the work limit left undecided; None when none is."""
+
+
 def run_program(pending: PendingProgram, model: ModelSpec, capacity: float, options: SolverOptions):
-    """The program of a pending layout problem (a pure function of its arguments)."""
+    """The program (or the later tiers) of a pending layout problem (a pure function of
+    its arguments)."""
+    if pending.later_tiers:
+        inst = Instance(pending.costs, model, capacity)
+        ranks = solve_later_tiers(inst, pending.program_cutoff_s - inst.constant)
+        if ranks is None:
+            return LaterTiers(None, None)
+        open_s = None if ranks.later_bound is None else ranks.later_bound + inst.constant
+        layout = None
+        if ranks.counts is not None:
+            layout = Layout(stages=layout_text(model, ranks.counts, ranks.mtp_stage), pp=pending.costs.strategy.pp)
+        return LaterTiers(layout, True if layout else ranks.outcome.fits, open_s)
+
     from uniap_megatron.errors import SolverError
     from uniap_megatron.solver.program import solve_layout  # PuLP loads only when needed
 
     try:
         return solve_layout(pending.costs, model, capacity, options=options, cutoff_s=pending.program_cutoff_s,
-                            lower_bound_s=pending.lower_bound_s, start=pending.start,
-                            first_chunk_at_most=pending.first_chunk_at_most)
+                            lower_bound_s=pending.lower_bound_s, start=pending.start)
     except SolverError as err:
         return Unsolved(str(err))
 
@@ -177,6 +212,19 @@ def settle_program(pending: PendingProgram, result, model: ModelSpec, capacity: 
     layout, incumbent = pending.layout, pending.incumbent
     elapsed = pending.elapsed_s + program_s
     s = costs.strategy
+    if isinstance(result, LaterTiers):
+        if result.layout is not None:
+            est = evaluate(costs, result.layout, model, capacity)
+            if incumbent is None or est.step_time_s < incumbent.step_time_s:
+                layout, incumbent = result.layout, est
+        best = incumbent.step_time_s if incumbent is not None else cutoff_s
+        proven = result.open_s is None or result.open_s >= best * (1 - AGREE)
+        if incumbent is not None:
+            gap = 0.0 if proven else (incumbent.step_time_s - result.open_s) / incumbent.step_time_s
+            return LayoutResult(layout, incumbent, True, proven, gap, "ranks", 0, elapsed)
+        if not proven:  # the work limit left tiers open, and nothing found so far
+            return LayoutResult(None, None, None, False, math.inf, "ranks", 0, elapsed)
+        return LayoutResult(None, None, any_fits(pending.fits, result.fits), True, 0.0, "ranks", 0, elapsed)
     if isinstance(result, Unsolved):
         # The layout found so far stands, unproven; without one the strategy stays open.
         if incumbent is not None:

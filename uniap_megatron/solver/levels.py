@@ -52,6 +52,12 @@ class Outcome:
     calls: int
 
 
+def any_fits(*answers: bool | None) -> bool | None:
+    """Whether a layout fits in one of several sets, from each set's answer (None: not
+    known)."""
+    return True if True in answers else (None if None in answers else False)
+
+
 def level_search(dp: DP, a: float, zs: np.ndarray, ws: np.ndarray, cutoff: float = math.inf) -> Outcome:
     """Minimise ``a * max_p + sum_c + max_w`` over the layouts ``dp`` describes.
 

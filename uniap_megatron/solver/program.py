@@ -140,21 +140,15 @@ def solve_layout(
     lower_bound_s: float | None = None,
     start: Layout | None = None,
     naive: bool = False,
-    first_chunk_at_most: int | None = None,
 ) -> ProgramResult | None:
     """Optimal layout (and block-recompute count) for ``costs.strategy``; ``None`` when no
     layout fits in memory, or none beats ``cutoff_s`` when it is given. With
     ``minimize_memory`` the objective is the peak memory instead, with no capacity
     constraint (used to say how much memory would be needed). ``naive`` builds UniAP's
-    per-layer formulation instead of the counts. ``first_chunk_at_most`` keeps only the
-    layouts whose first chunks (stages 0..pp-1) hold at most that many decoder layers."""
+    per-layer formulation instead of the counts."""
     started = time.perf_counter()
     kind = LayerProgram if naive else CountProgram
     program = kind(costs, model, capacity_bytes, minimize_memory=minimize_memory, lower_bound_s=lower_bound_s)
-    if first_chunk_at_most is not None:
-        # [Constraint] the region left open: first chunks nearly empty.
-        first = pulp.lpSum(program.layers[i] for i in range(costs.strategy.pp))
-        program.prob += (first <= first_chunk_at_most, "first_chunks_at_most")
     if start is not None and not minimize_memory:
         program.warm_start(start)
     built = time.perf_counter()

@@ -40,7 +40,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 
 from uniap_megatron.solver.instance import Instance, Mode, Unit
-from uniap_megatron.solver.levels import Outcome, Pick, level_search
+from uniap_megatron.solver.levels import Outcome, Pick, any_fits, level_search
 
 FIT = 1 + 1e-9
 EPS = 1e-12
@@ -61,11 +61,13 @@ class RankSide:
     """One rank: its chunks, their fixed items, and the inner problem for every T."""
 
     def __init__(self, inst: Instance, rank: int, mtp_stage: int | None, unit: Unit, t_range: range, *,
-                 lead: int = 0, lead_unit: Unit | None = None, closed: bool = False):
-        """``lead`` layers of ``lead_unit`` open chunk 0 (dense layers of a model whose
-        first layers are dense); ``closed``: chunk 0 holds those and nothing else."""
+                 leads: tuple[int, ...] = (), lead_unit: Unit | None = None, closed: bool = False):
+        """``leads[k]`` layers of ``lead_unit`` open chunk k (dense layers of a model whose
+        first layers are dense): every chunk before the last of them holds those and
+        nothing else, and so does the last one when ``closed``."""
         self.inst, self.rank, self.unit = inst, rank, unit
-        self.lead, self.lead_unit = lead, lead_unit or unit
+        self.leads, self.lead_unit = leads, lead_unit or unit
+        self.lead = sum(leads)
         v, pp, L = inst.vpp, inst.pp, inst.num_layers
         self.L, self.v = L, v
         stages = [k * pp + rank for k in range(v)]
@@ -75,16 +77,20 @@ class RankSide:
         self.fixed_act = np.array([fx.act for fx in fixed])
         self.cap_limit = np.array([0 if f else L for f in forced])
         self.closed = closed
-        if closed:
-            self.cap_limit[0] = lead
+        shut = len(leads) if closed else len(leads) - 1  # chunks that hold their lead alone
+        for k in range(max(0, shut)):
+            self.cap_limit[k] = min(self.cap_limit[k], leads[k])
+        self.start = np.zeros(v, dtype=int)
+        self.start[: len(leads)] = leads
         self.plain = [
             k for k in range(v)
             if fixed[k].time == 0 and fixed[k].static == 0 and fixed[k].act == 0 and fixed[k].dense == 0
             and fixed[k].expert == 0 and inst.transfers(stages[k]) == 2 and not forced[k]
-            and not (k == 0 and (lead or closed))
+            and not (k < len(leads) and (leads[k] or k < shut))
         ]
         self.special = [k for k in range(v) if k not in self.plain]
-        # Special chunks sit first (embedding) or last (loss, MTP, emptied): the plain ones are contiguous.
+        # Special chunks sit first (embedding, dense layers) or last (loss, MTP, emptied):
+        # the plain ones are contiguous.
         assert not self.plain or self.plain == list(range(self.plain[0], self.plain[-1] + 1))
         self.fixed_work = sum(fx.time for fx in fixed)
         self.p2p_total = sum(inst.p2p * inst.transfers(i) for i in stages)
@@ -95,20 +101,20 @@ class RankSide:
         self.exact_points = _monotone_points(self.points)
         # Recomputed layers of a chunk of t layers: none (keep), all (uniform), min(n, t) (block).
         self.n = {Mode.KEEP: 0, Mode.UNIFORM: L + 1, Mode.BLOCK: inst.count}[inst.mode]
+        # The lead layers come first in their chunks, so min(n, lead) of each are recomputed.
+        self.lead_rec = sum(min(self.n, d) for d in leads)
         plain_work, plain_kept = self._chunk_tables(np.zeros(0, dtype=bool))
-        if lead:
-            # Chunk 0 starts with the lead layers: its own tables.
-            first_work, first_kept = self._chunk_tables(np.arange(L) < lead)
-        else:
-            first_work, first_kept = plain_work, plain_kept
-        self.work_of = [first_work] + [plain_work] * (v - 1)
-        self.kept_of = [first_kept] + [plain_kept] * (v - 1)
+        self.work_of, self.kept_of = [plain_work] * v, [plain_kept] * v
+        for k, d in enumerate(leads):
+            if d:  # a chunk that starts with lead layers: its own tables
+                self.work_of[k], self.kept_of[k] = self._chunk_tables(np.arange(L) < d)
         self.chunk_work, self.kept = plain_work, plain_kept
         self.linear = inst.mode is not Mode.BLOCK
         levels = np.unique(np.concatenate([f + w for f, w in zip(self.empty_time, self.work_of)]))
         self.levels = levels[levels >= self.empty_time.max() * (1 - EPS)]
         self.t_range = t_range
-        self._block_cache: dict[tuple[int, int], tuple[np.ndarray, dict]] = {}
+        self._block_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        """(T, level) and (T, the capacities that bind) -> ``block_options``."""
         self._figures: dict[tuple[int, int, int], tuple] = {}
         self._first_level: np.ndarray | None = None
 
@@ -135,10 +141,8 @@ class RankSide:
 
     # ----------------------------------------------------------- rank totals
     def work(self, T, R):
-        """Forward, backward and recomputation of T layers, R of them recomputed (the lead
-        layers come first in chunk 0, so min(n, lead) of them are among the R)."""
-        a, b, lead = self.lead_unit, self.unit, self.lead
-        lead_rec = min(self.n, lead)
+        """Forward, backward and recomputation of T layers, R of them recomputed."""
+        a, b, lead, lead_rec = self.lead_unit, self.unit, self.lead, self.lead_rec
         return (self.fixed_work + a.time * lead + b.time * (T - lead)
                 + a.recompute * lead_rec + b.recompute * (R - lead_rec))
 
@@ -208,14 +212,14 @@ class RankSide:
     # ------------------------------------------------------- linear modes
     def backfill(self, caps: np.ndarray, T: np.ndarray) -> np.ndarray:
         """Fill the chunks from the last one backwards: rows of counts for every T, under
-        one row of capacities or one per T. Chunk 0 keeps the lead layers that open it, so
-        only the layers after them move back (all of one kind); rows that cannot exist
-        have a wrong sum."""
+        one row of capacities or one per T. The chunks that open with lead layers keep
+        them, so only the layers after them move back (all of one kind); rows that cannot
+        exist have a wrong sum."""
         caps = np.broadcast_to(caps, (len(T), self.v))
-        after = np.cumsum(caps[:, ::-1], axis=1)[:, ::-1] - caps
-        rows = np.clip((T - self.lead)[:, None] - after, 0, caps)
-        rows[:, 0] = np.minimum(caps[:, 0], T - rows[:, 1:].sum(axis=1))
-        return rows
+        room = np.maximum(caps - self.start, 0)
+        after = np.cumsum(room[:, ::-1], axis=1)[:, ::-1] - room
+        rows = np.clip((T - self.lead)[:, None] - after, 0, room)
+        return np.minimum(rows + self.start, caps)
 
     def first_levels(self) -> np.ndarray:
         """Linear modes: for every T, the lowest level at which some split fits (-1: none)."""
@@ -257,8 +261,15 @@ class RankSide:
         if hit is not None:
             return hit
         n, caps = self.n, self.caps(level)
-        ranges = [range(self.lead if k == 0 else 0, min(int(caps[k]), T) + 1) for k in self.special]
+        # Many levels allow the same splits of T layers: the answer depends on the level
+        # only through the capacities that can bind.
+        ranges = [range(int(self.start[k]), min(int(caps[k]), T) + 1) for k in self.special]
         plain_cap = int(caps[self.plain[0]]) if self.plain else 0
+        binding = (T, tuple(r.stop for r in ranges), min(plain_cap, T + n))
+        hit = self._block_cache.get(binding)
+        if hit is not None:
+            self._block_cache[key] = hit
+            return hit
         m = len(self.plain)
         combos = list(itertools.product(*ranges))
         combos = np.array(combos, dtype=int).reshape(len(combos), len(self.special))
@@ -291,7 +302,7 @@ class RankSide:
             feasible[firsts] = True
             splits[firsts] = rows[fits][where]
         hit = (feasible, splits)
-        self._block_cache[key] = hit
+        self._block_cache[key] = self._block_cache[binding] = hit
         return hit
 
     def lowest_level(self, T: int) -> int:
@@ -355,18 +366,16 @@ class Ranks:
     on the placement only through its role (before, holding or after the MTP stage), so
     sides are shared through ``sides``.
 
-    With a dense prefix of D layers, the state also counts the layers the first chunks of
-    the ranks so far hold (up to D): while it is below D, the next rank's first chunk comes
-    next in stage order and either holds only d dense layers (*closed*, the count grows by
-    d) or opens with the D - c dense layers left and goes on with MoE layers (*open*, the
-    count reaches D). Every layout whose dense layers lie in first chunks is one path."""
+    With a dense prefix of D layers, the state also counts the dense layers the ranks so
+    far hold (:meth:`SideCache._moves`): every layout whose prefix ends in the tier's
+    chunks with ``before`` dense layers ahead of them is one path."""
 
     def __init__(self, inst: Instance, mtp_stage: int | None, sides: SideCache):
         self.inst = inst
         L = inst.num_layers
         self.L = L
         self.mtp_stage = mtp_stage
-        self.D = sides.dense
+        self.moves, self.states = sides.moves, sides.states
         roles = [sides.role(r, mtp_stage) for r in range(inst.pp)]
         self.roles, self._cache = tuple(roles), sides
         kinds = sides.variants()
@@ -376,19 +385,12 @@ class Ranks:
         self._tables: list[dict] = []
         if self.feasible:
             for r, role in enumerate(roles):
-                usable = [v for v in kinds if sides.most(r, role, v) >= v[0]]
+                usable = [v for v in kinds if sides.most(r, role, v) >= sum(v[0]) + v[1]]
                 self.sides.append({v: sides.side(r, role, v) for v in usable})
                 self._tables.append({v: sides.table(r, role, v, self) for v in usable})
         self.exact = sides.exact and all(s.exact_points for by in self.sides for s in by.values())
         idx = np.arange(L + 1)
         self.shift = idx[:, None] - idx[None, :]  # [total, t] -> total - t
-
-    def moves(self, c: int) -> list[tuple[tuple[int, bool], int]]:
-        """(side variant (lead, closed), next count) from count c."""
-        D = self.D
-        if c >= D:
-            return [((0, False), D)]
-        return [((d, True), c + d) for d in range(D - c)] + [((D - c, False), D)]
 
     def _table(self, side: RankSide) -> dict:
         """The options the master may pick from: arrays over T (linear modes) or over
@@ -509,13 +511,13 @@ class Ranks:
         return hit
 
     def dp(self, z: float, w: float, what: str) -> Pick | None:
-        """F[total, c]: best over the ranks so far holding ``total`` layers, ``c`` of them
-        in first chunks (capped at D; always 0 without a dense prefix)."""
+        """F[total, c]: best over the ranks so far holding ``total`` layers, in state ``c``
+        of the dense layers' count (always 0 without a dense prefix)."""
         if not self.feasible:
             return None
-        L, D, inf = self.L, self.D, math.inf
+        L, S, inf = self.L, self.states, math.inf
         combine = np.add if what == "sum" else np.maximum
-        F = np.full((L + 1, D + 1), inf)
+        F = np.full((L + 1, S), inf)
         F[0, 0] = 0.0 if what == "sum" else -inf
         valid = self.shift >= 0
         shift = np.where(valid, self.shift, 0)
@@ -535,16 +537,16 @@ class Ranks:
                 continue
             values = {v: self._values(r, v, side, by_table[v], z, w, what) for v, side in by_side.items()}
             variants = list(values)
-            best = np.full((L + 1, D + 1), inf)
-            back_t = np.zeros((L + 1, D + 1), dtype=int)
-            back_c = np.zeros((L + 1, D + 1), dtype=int)
-            back_v = np.zeros((L + 1, D + 1), dtype=int)
+            best = np.full((L + 1, S), inf)
+            back_t = np.zeros((L + 1, S), dtype=int)
+            back_c = np.zeros((L + 1, S), dtype=int)
+            back_v = np.zeros((L + 1, S), dtype=int)
             # Every move (count c -> nxt with a variant) at once, over the few T this rank
             # may hold; per nxt the first best move wins, as in a scan of them in order.
             index = {v: i for i, v in enumerate(variants)}
             live = (F < inf).any(axis=0)
-            moves = [(c, index[v], nxt) for c in range(D + 1) if live[c]
-                     for v, nxt in self.moves(c) if v in values and values[v][2] is not None]
+            moves = [(c, index[v], nxt) for c in range(S) if live[c]
+                     for v, nxt in self.moves[c] if v in values and values[v][2] is not None]
             if moves:
                 lo = min(values[variants[v]][2][0] for _, v, _ in moves)
                 hi = max(values[variants[v]][2][1] for _, v, _ in moves)
@@ -567,9 +569,9 @@ class Ranks:
             backs.append((back_t, back_c, back_v, variants))
             hows.append({v: h for v, (_, h, _) in values.items()})
             done[key] = (F, backs[-1], hows[-1])
-        if not math.isfinite(F[L, D]):
+        if not math.isfinite(F[L, S - 1]):
             return None
-        choice, total, c = [], L, D
+        choice, total, c = [], L, S - 1
         for r in range(self.inst.pp - 1, -1, -1):
             back_t, back_c, back_v, variants = backs[r]
             variant = variants[int(back_v[total, c])]
@@ -578,7 +580,7 @@ class Ranks:
             choice.append((T, variant, (int(levels[T]), int(recs[T]))))
             total, c = total - T, previous
         choice.reverse()
-        return self._pick(float(F[L, D]), choice)
+        return self._pick(float(F[L, S - 1]), choice)
 
     def _pick(self, value: float, choice) -> Pick:
         ps, cs, ws, counts = [], [], [], []
@@ -593,15 +595,21 @@ class Ranks:
 
 class SideCache:
     """Rank sides and their tables for every role a rank can play (and, with a dense
-    prefix, every way its first chunk can take dense layers), built once per strategy: the
-    layers a rank may hold come from the Z limit and the other ranks' best variants."""
+    prefix, every way its chunks can take dense layers), built once per strategy: the
+    layers a rank may hold come from the Z limit and the other ranks' best variants.
+
+    With a dense prefix of D layers, ``tier`` is the chunk in which the prefix ends and
+    ``before`` how many dense layers the chunks before it hold in all (fewer than D: every
+    such chunk holds dense layers alone). ``tier`` 0 is the common case; the others are
+    the layouts whose first chunks hold fewer than D layers."""
 
     def __init__(self, inst: Instance, z_limit: float, *, unit: Unit | None = None, lead_unit: Unit | None = None,
-                 dense: int = 0, exact: bool | None = None):
+                 dense: int = 0, exact: bool | None = None, tier: int = 0, before: int = 0):
         self.inst = inst
         self.unit = unit or (next(iter(inst.units.values())) if inst.homogeneous else _lightest(inst))
         self.lead_unit = lead_unit
-        self.dense = dense
+        self.dense, self.tier, self.before = dense, tier, before
+        self.moves = self._moves()
         if exact is None:
             exact = inst.homogeneous
         self.exact = exact and (inst.mode is not Mode.UNIFORM or inst.count == 1)
@@ -616,7 +624,7 @@ class SideCache:
                 for variant in self.variants():
                     probe = RankSide(inst, r, self._stage(r, role), self.unit, range(0), **self._extra(variant))
                     self._probes[r, role, variant] = probe
-                    floor = np.where(T >= variant[0], probe.p(T, _least_rec(inst, T)), math.inf)
+                    floor = np.where(T >= probe.lead, probe.p(T, _least_rec(inst, T)), math.inf)
                     ok = np.nonzero(floor <= z_limit * (1 + EPS))[0]
                     self._most[r, role, variant] = int(ok.max()) if len(ok) else -1
         best = [max(self._most[r, role, v] for role in self.roles for v in self.variants()) for r in range(inst.pp)]
@@ -627,19 +635,46 @@ class SideCache:
         self.rank_values: dict = {}
         """(r, role, variant, z, w, what) -> what ``Ranks._rank_values`` gives."""
 
-    def variants(self) -> list[tuple[int, bool]]:
-        """(lead, closed) ways a rank's first chunk takes dense layers: (0, False) alone
-        without a dense prefix."""
-        D = self.dense
-        if not D:
-            return [(0, False)]
-        return [(d, True) for d in range(D)] + [(d, False) for d in range(D + 1)]
+    @property
+    def states(self) -> int:
+        """States of the master's count of dense layers placed: (before the tier, in it)."""
+        return (self.before + 1) * (self.dense - self.before + 1)
 
-    def _extra(self, variant: tuple[int, bool]) -> dict:
-        lead, closed = variant
-        if not lead and not closed:
+    def _moves(self) -> list[list[tuple[tuple, int]]]:
+        """Per state, the (variant, next state) a rank may take. A variant is (dense
+        layers of each chunk before the tier, dense layers that open the tier's chunk,
+        whether that chunk holds them alone). While the tier's count is short of its
+        share, the next rank's chunk in the tier holds only d dense layers (*closed*) or
+        opens with the rest and goes on with the other kind (*open*)."""
+        D, S, k = self.dense, self.before, self.tier
+        share, width = D - S, D - S + 1
+        moves = []
+        for placed in range(S + 1):
+            for c in range(width):
+                here = []
+                for q in _compositions(k, S - placed):
+                    base = (placed + sum(q)) * width
+                    if c < share:
+                        here += [((q, d, True), base + c + d) for d in range(share - c)]
+                        here.append(((q, share - c, False), base + share))
+                    else:
+                        here.append(((q, 0, False), base + c))
+                moves.append(here)
+        return moves
+
+    def variants(self) -> list[tuple]:
+        """Every variant of a rank, closed ones first: ((), 0, False) alone without a
+        dense prefix."""
+        D, S, k = self.dense, self.before, self.tier
+        qs = _compositions(k, S)
+        return ([(q, d, True) for q in qs for d in range(D - S)]
+                + [(q, d, False) for q in qs for d in range(D - S + 1)])
+
+    def _extra(self, variant: tuple) -> dict:
+        q, lead, closed = variant
+        if not q and not lead and not closed:
             return {}
-        return dict(lead=lead, lead_unit=self.lead_unit, closed=closed)
+        return dict(leads=(*q, lead), lead_unit=self.lead_unit, closed=closed)
 
     def _stage(self, r: int, role: str) -> int | None:
         """An MTP stage that gives rank r this role."""
@@ -665,7 +700,7 @@ class SideCache:
         side = self._sides.get((r, role, variant))
         if side is None:
             side = self._sides[r, role, variant] = self._probes[r, role, variant]
-            side.t_range = range(max(self._least[r], variant[0]), self._most[r, role, variant] + 1)
+            side.t_range = range(max(self._least[r], side.lead), self._most[r, role, variant] + 1)
         return side
 
     def table(self, r: int, role: str, variant: tuple[int, bool], master: Ranks) -> dict:
@@ -673,6 +708,12 @@ class SideCache:
         if table is None:
             table = self._tables[r, role, variant] = master._table(self.side(r, role, variant))
         return table
+
+
+@lru_cache(maxsize=256)
+def _compositions(parts: int, most: int) -> tuple[tuple[int, ...], ...]:
+    """Every tuple of ``parts`` counts >= 0 summing to at most ``most``, in order."""
+    return tuple(q for q in itertools.product(range(most + 1), repeat=parts) if sum(q) <= most)
 
 
 def _least_rec(inst: Instance, T: np.ndarray) -> np.ndarray:
@@ -699,41 +740,86 @@ class RanksResult:
     mtp_stage: int | None
     bound: float = math.inf
     """Lower bound of the objective (constants excluded); the optimum when ``exact``."""
-    open_first_chunks: int | None = None
-    """When set, the layout is optimal among all but the layouts whose first chunks hold
-    at most this many layers, which remain to be decided."""
+    later_bound: float | None = None
+    """With a dense prefix, when the layouts whose first chunks hold fewer than its layers
+    may still beat this answer: their lower bound (:func:`solve_later_tiers` decides them)."""
 
 
 def solve_ranks(inst: Instance, cutoff: float = math.inf) -> RanksResult:
     """Optimum (or, when ``exact`` is False, a lower bound and a layout) for vpp > 1;
     ``cutoff`` excludes the constant terms.
 
-    Identical layers are exact. For a model whose first D layers are of one kind and the
-    rest of another (dense layers before MoE ones), the master follows the dense layers in
-    stage order through the first chunks (:class:`Ranks`), which is exact for every layout
-    whose dense layers lie in first chunks; the others (first chunks holding fewer than D
-    layers in all) are bounded by their bubble (:func:`bounds.spilled_bound`). Other mixed
-    models are relaxed (every layer at its lightest): a lower bound."""
+    Identical layers are exact. So is a model whose first D layers are of one kind and
+    the rest of another (dense layers before MoE ones), in two parts: here the layouts
+    whose dense layers lie in the first chunks of the ranks (the master follows them in
+    stage order), and, when their bubble bound (:func:`bounds.spilled_bound`) beats that
+    answer, the others in :func:`solve_later_tiers`. Other mixed models are relaxed
+    (every layer at its lightest): a lower bound."""
     assert inst.vpp > 1
     prefix = _dense_prefix(inst)
     if inst.homogeneous or prefix is None:
         return _solve(inst, cutoff, SideCache(inst, _z_limit(inst, cutoff)))
-    from uniap_megatron.solver.bounds import spilled_bound
-
     dense, lead_unit, unit = prefix
     result = _solve(inst, cutoff, SideCache(inst, _z_limit(inst, cutoff), unit=unit, lead_unit=lead_unit,
                                             dense=dense, exact=True))
-    spilled = spilled_bound(inst.costs, inst.model, inst.capacity, dense) - inst.constant
-    best = result.outcome.best
-    open_region = dense - 1 if result.exact else None
-    if best is None:
-        if spilled >= cutoff * (1 - 1e-12):
-            return result  # nothing beats the cutoff either way
-        return dataclasses.replace(result, exact=False, bound=spilled, open_first_chunks=open_region)
-    value = best.objective(inst.bubble_weight)
-    if result.exact and spilled >= value * (1 - 1e-12):
+    best = cutoff if result.outcome.best is None else min(cutoff, result.bound)
+    later = _spilled(inst, dense - 1, 1)
+    if later >= best * (1 - 1e-12):
         return result
-    return dataclasses.replace(result, exact=False, bound=min(value, spilled), open_first_chunks=open_region)
+    if result.exact:
+        return dataclasses.replace(result, later_bound=later)
+    return dataclasses.replace(result, bound=min(result.bound, later))  # relaxed: the program decides all
+
+
+def solve_later_tiers(inst: Instance, cutoff: float = math.inf) -> RanksResult | None:
+    """For a model with a dense prefix of D layers, the best layout whose first chunks
+    hold fewer than D layers, if it beats ``cutoff``: per tier of chunks in which the
+    prefix can end, and per count of dense layers the chunks before it hold, the master
+    follows the prefix through that tier (:class:`SideCache`). A tier is solved while its
+    bubble bound beats the best so far; None when none does from the start.
+
+    Exact unless the dynamic programs run past ``LATER_TIERS_CALLS``: then
+    ``later_bound`` is the lowest bound of the tiers left (a count, not seconds, so every
+    run gives the same answer)."""
+    dense, lead_unit, unit = _dense_prefix(inst)
+    regions = [(tier, before) for tier in range(1, inst.vpp) for before in range(dense)]
+    result, calls = None, 0
+    for i, (tier, before) in enumerate(regions):
+        best = cutoff if result is None or result.outcome.best is None else min(cutoff, result.bound)
+        if _spilled(inst, before, tier) >= best * (1 - 1e-12):
+            if before == dense - 1:
+                break  # nor does any layout whose prefix ends later
+            continue  # no layout with ``before`` layers ahead of this tier beats it
+        if calls >= LATER_TIERS_CALLS:
+            left = min(_spilled(inst, b, t) for t, b in regions[i:])
+            unfinished = result or RanksResult(Outcome(None, None, calls), True, None, None)
+            return dataclasses.replace(unfinished, later_bound=left)
+        sides = SideCache(inst, _z_limit(inst, best), unit=unit, lead_unit=lead_unit, dense=dense, exact=True,
+                          tier=tier, before=before)
+        solved = _solve(inst, best, sides)
+        calls += solved.outcome.calls
+        result = _better(result, solved)
+    return result
+
+
+LATER_TIERS_CALLS = 1500
+"""Dynamic programs the later tiers of one strategy may run before the tiers left are
+only bounded (a few seconds of work; most strategies need far fewer)."""
+
+
+def _spilled(inst: Instance, held: int, tiers: int) -> float:
+    from uniap_megatron.solver.bounds import spilled_bound
+
+    return spilled_bound(inst.costs, inst.model, inst.capacity, held, tiers) - inst.constant
+
+
+def _better(a: RanksResult | None, b: RanksResult) -> RanksResult:
+    """The better of two answers over disjoint sets of layouts, as one answer over both."""
+    if a is None:
+        return b
+    keep = b if b.outcome.best is not None and (a.outcome.best is None or b.bound < a.bound) else a
+    outcome = Outcome(keep.outcome.best, any_fits(a.outcome.fits, b.outcome.fits), a.outcome.calls + b.outcome.calls)
+    return dataclasses.replace(keep, outcome=outcome, exact=a.exact and b.exact)
 
 
 def _z_limit(inst: Instance, cutoff: float) -> float:
