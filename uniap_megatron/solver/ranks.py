@@ -362,35 +362,52 @@ def canonical_block(total, recs: np.ndarray, m: int, cap: int, n: int) -> np.nda
 
 
 class Ranks:
-    """The master over ranks for one placement of the MTP layers. A rank's side depends
+    """The master over ranks. With MTP layers it also places them: a rank's side depends
     on the placement only through its role (before, holding or after the MTP stage), so
-    sides are shared through ``sides``.
+    the state says whether a rank so far holds them, and every placement is one path.
 
     With a dense prefix of D layers, the state also counts the dense layers the ranks so
     far hold (:meth:`SideCache._moves`): every layout whose prefix ends in the tier's
     chunks with ``before`` dense layers ahead of them is one path."""
 
-    def __init__(self, inst: Instance, mtp_stage: int | None, sides: SideCache):
+    def __init__(self, inst: Instance, sides: SideCache):
         self.inst = inst
         L = inst.num_layers
         self.L = L
-        self.mtp_stage = mtp_stage
-        self.moves, self.states = sides.moves, sides.states
-        roles = [sides.role(r, mtp_stage) for r in range(inst.pp)]
-        self.roles, self._cache = tuple(roles), sides
+        self.mtp = bool(inst.mtp_layers)
+        self.counts = sides.states
+        self.states = sides.states * (2 if self.mtp else 1)
+        self._cache = sides
         kinds = sides.variants()
-        his = [max(sides.most(r, role, v) for v in kinds) for r, role in enumerate(roles)]
-        self.feasible = min(his) >= 0 and sum(his) >= L
         self.sides: list[dict] = []
         self._tables: list[dict] = []
+        for r in range(inst.pp):
+            roles = [role for role in sides.roles if not (r == 0 and role == "after")]
+            usable = [(role, v) for role in roles for v in kinds if sides.most(r, role, v) >= sum(v[0]) + v[1]]
+            self.sides.append({key: sides.side(r, *key) for key in usable})
+        his = [max((sides.most(r, *key) for key in by), default=-1) for r, by in enumerate(self.sides)]
+        self.feasible = min(his) >= 0 and sum(his) >= L
         if self.feasible:
-            for r, role in enumerate(roles):
-                usable = [v for v in kinds if sides.most(r, role, v) >= sum(v[0]) + v[1]]
-                self.sides.append({v: sides.side(r, role, v) for v in usable})
-                self._tables.append({v: sides.table(r, role, v, self) for v in usable})
+            self._tables = [{key: sides.table(r, *key, self) for key in by} for r, by in enumerate(self.sides)]
         self.exact = sides.exact and all(s.exact_points for by in self.sides for s in by.values())
+        self._moves = self._role_moves(sides.moves)
         idx = np.arange(L + 1)
         self.shift = idx[:, None] - idx[None, :]  # [total, t] -> total - t
+
+    def _role_moves(self, moves: list) -> list[list[tuple[tuple, int]]]:
+        """Per state, the ((role, variant), next state) a rank may take; with MTP layers a
+        state is (count, whether a rank so far holds them)."""
+        if not self.mtp:
+            return [[(("before", v), nxt) for v, nxt in here] for here in moves]
+        n = self.counts
+        out = []
+        for placed in (0, 1):
+            for here in moves:
+                if placed:
+                    out.append([(("after", v), n + nxt) for v, nxt in here])
+                else:
+                    out.append([(("before", v), nxt) for v, nxt in here] + [(("holds", v), n + nxt) for v, nxt in here])
+        return out
 
     def _table(self, side: RankSide) -> dict:
         """The options the master may pick from: arrays over T (linear modes) or over
@@ -499,9 +516,8 @@ class Ranks:
                 return
 
     def _values(self, r: int, variant, side: RankSide, tab: dict, z: float, w: float, what: str):
-        """``_rank_values`` and the range of T it allows, shared by the masters in which
-        rank r plays the same role."""
-        key = (r, self.roles[r], variant, z, w, what)
+        """``_rank_values`` and the range of T it allows (``variant``: (role, variant))."""
+        key = (r, variant, z, w, what)
         hit = self._cache.rank_values.get(key)
         if hit is None:
             vals, how = self._rank_values(side, tab, z, w, what)
@@ -512,7 +528,7 @@ class Ranks:
 
     def dp(self, z: float, w: float, what: str) -> Pick | None:
         """F[total, c]: best over the ranks so far holding ``total`` layers, in state ``c``
-        of the dense layers' count (always 0 without a dense prefix)."""
+        (the dense layers' count, and whether the MTP layers are placed)."""
         if not self.feasible:
             return None
         L, S, inf = self.L, self.states, math.inf
@@ -523,18 +539,7 @@ class Ranks:
         shift = np.where(valid, self.shift, 0)
         rows = np.arange(L + 1)
         backs, hows = [], []
-        # The masters of one strategy differ only in which rank holds the MTP layers, and
-        # the level searches ask them the same (z, w): the ranks before the holder are the
-        # same sides in every master, so their states are shared.
-        done = self._cache.prefix_states
         for r, (by_side, by_table) in enumerate(zip(self.sides, self._tables)):
-            key = (z, w, what, self.roles[: r + 1])
-            hit = done.get(key)
-            if hit is not None:
-                F, back, how = hit
-                backs.append(back)
-                hows.append(how)
-                continue
             values = {v: self._values(r, v, side, by_table[v], z, w, what) for v, side in by_side.items()}
             variants = list(values)
             best = np.full((L + 1, S), inf)
@@ -546,7 +551,7 @@ class Ranks:
             index = {v: i for i, v in enumerate(variants)}
             live = (F < inf).any(axis=0)
             moves = [(c, index[v], nxt) for c in range(S) if live[c]
-                     for v, nxt in self.moves[c] if v in values and values[v][2] is not None]
+                     for v, nxt in self._moves[c] if v in values and values[v][2] is not None]
             if moves:
                 lo = min(values[variants[v]][2][0] for _, v, _ in moves)
                 hi = max(values[variants[v]][2][1] for _, v, _ in moves)
@@ -568,7 +573,6 @@ class Ranks:
             F = best
             backs.append((back_t, back_c, back_v, variants))
             hows.append({v: h for v, (_, h, _) in values.items()})
-            done[key] = (F, backs[-1], hows[-1])
         if not math.isfinite(F[L, S - 1]):
             return None
         choice, total, c = [], L, S - 1
@@ -584,13 +588,16 @@ class Ranks:
 
     def _pick(self, value: float, choice) -> Pick:
         ps, cs, ws, counts = [], [], [], []
-        for by_side, (T, variant, (level, R)) in zip(self.sides, choice):
+        mtp_stage = None
+        for r, (by_side, (T, variant, (level, R))) in enumerate(zip(self.sides, choice)):
             p, w, split, c = by_side[variant].figures(T, level, R)
             ps.append(p)
             ws.append(w)
             counts.append(split)
             cs.append(c)
-        return Pick(value, max(ps), sum(cs), max(ws), (counts, self.mtp_stage))
+            if variant[0] == "holds":
+                mtp_stage = (self.inst.vpp - 1) * self.inst.pp + r
+        return Pick(value, max(ps), sum(cs), max(ws), (counts, mtp_stage))
 
 
 class SideCache:
@@ -630,10 +637,8 @@ class SideCache:
         best = [max(self._most[r, role, v] for role in self.roles for v in self.variants()) for r in range(inst.pp)]
         self._least = [max(0, L - (sum(best) - best[r])) for r in range(inst.pp)]
         self._sides, self._tables = {}, {}
-        self.prefix_states: dict = {}
-        """(z, w, what, roles of ranks 0..r) -> the dynamic program's state after rank r."""
         self.rank_values: dict = {}
-        """(r, role, variant, z, w, what) -> what ``Ranks._rank_values`` gives."""
+        """(r, (role, variant), z, w, what) -> what ``Ranks._rank_values`` gives."""
 
     @property
     def states(self) -> int:
@@ -686,12 +691,6 @@ class SideCache:
         if role == "after":
             return last + r - 1 if r > 0 else None
         return last + r + 1 if r + 1 < self.inst.pp else None
-
-    def role(self, r: int, mtp_stage: int | None) -> str:
-        if mtp_stage is None:
-            return "before"
-        holder = mtp_stage % self.inst.pp
-        return "holds" if r == holder else ("after" if r > holder else "before")
 
     def most(self, r: int, role: str, variant: tuple[int, bool] = (0, False)) -> int:
         return self._most[r, role, variant]
@@ -802,7 +801,7 @@ def solve_later_tiers(inst: Instance, cutoff: float = math.inf) -> RanksResult |
     return result
 
 
-LATER_TIERS_CALLS = 1500
+LATER_TIERS_CALLS = 300
 """Dynamic programs the later tiers of one strategy may run before the tiers left are
 only bounded (a few seconds of work; most strategies need far fewer)."""
 
@@ -843,21 +842,12 @@ def _dense_prefix(inst: Instance) -> tuple[int, Unit, Unit] | None:
 def _solve(inst: Instance, cutoff: float, sides: SideCache) -> RanksResult:
     a = inst.bubble_weight
     z_limit = _z_limit(inst, cutoff)
-    best, fits, calls, exact = None, False, 0, True
-    best_value = cutoff
-    for j in inst.mtp_stages():
-        master = Ranks(inst, j, sides)
-        exact &= master.exact
-        if not master.feasible:
-            continue
-        zs, ws = master.candidates()
-        if not len(zs):
-            continue
-        out = level_search(master.dp, a, zs, ws, best_value)
-        calls += out.calls
-        fits |= bool(out.fits)
-        if out.best is not None and out.best.objective(a) < best_value:
-            best, best_value = out.best, out.best.objective(a)
+    master = Ranks(inst, sides)
+    best, fits, calls = None, False, 0
+    zs, ws = master.candidates() if master.feasible else ([], [])
+    if len(zs):
+        out = level_search(master.dp, a, zs, ws, cutoff)
+        best, fits, calls = out.best, bool(out.fits), out.calls
     if not fits and math.isfinite(z_limit):
         fits = None  # the limit hid layouts: whether any fits is not known
     counts = mtp = None
@@ -866,4 +856,4 @@ def _solve(inst: Instance, cutoff: float, sides: SideCache) -> RanksResult:
         pp, v = inst.pp, inst.vpp
         counts = [per_rank[i % pp][i // pp] for i in range(pp * v)]
     bound = best.objective(a) if best is not None else math.inf
-    return RanksResult(Outcome(best, fits, calls), exact, counts, mtp, bound)
+    return RanksResult(Outcome(best, fits, calls), master.exact, counts, mtp, bound)
