@@ -44,6 +44,9 @@ from uniap_megatron.solver.levels import Outcome, Pick, any_fits, level_search
 
 FIT = 1 + 1e-9
 EPS = 1e-12
+DENSE_LEVELS = 2048
+"""(T, level) pairs up to which a rank's first levels are found by trying every pair
+(one array operation) rather than by bisection."""
 _UNSEEN = np.iinfo(np.int64).max
 
 
@@ -235,14 +238,28 @@ class RankSide:
             # once, between lowest_level and top_level.
             lo = np.searchsorted(total, Ts, side="left")
             hi = np.minimum(np.searchsorted(every, Ts, side="left"), len(self.levels) - 1)
-            found = self._fits(Ts, hi)
-            Ts, lo, hi = Ts[found], lo[found], hi[found]
-            while (lo < hi).any():
-                mid = (lo + hi) // 2
-                fits = self._fits(Ts, mid)
-                hi = np.where(fits, mid, hi)
-                lo = np.where(fits, lo, mid + 1)
-            first[Ts] = lo
+            span = np.maximum(hi - lo + 1, 0)
+            if span.sum() <= DENSE_LEVELS:
+                # Few enough (T, level) pairs to try them all at once.
+                starts = np.cumsum(span) - span
+                rows = np.repeat(np.arange(len(Ts)), span)
+                levels = np.arange(len(rows)) - np.repeat(starts, span) + lo[rows]
+                fits = self._fits(Ts[rows], levels)
+                firsts = np.full(len(Ts), -1)
+                hit = np.flatnonzero(fits)
+                if len(hit):
+                    owners, where = np.unique(rows[hit], return_index=True)
+                    firsts[owners] = levels[hit[where]]
+                first[Ts] = firsts
+            else:
+                found = self._fits(Ts, hi)
+                Ts, lo, hi = Ts[found], lo[found], hi[found]
+                while (lo < hi).any():
+                    mid = (lo + hi) // 2
+                    fits = self._fits(Ts, mid)
+                    hi = np.where(fits, mid, hi)
+                    lo = np.where(fits, lo, mid + 1)
+                first[Ts] = lo
         self._first_level = first
         return first
 
