@@ -245,3 +245,20 @@ def test_a_program_stopped_at_a_limit_leaves_a_plan_and_its_gap(monkeypatch):
     assert min(x.estimate.step_time_s for x in result.closed_form) >= best * (1 - 1e-12)
     text = solver_text(Plan.from_search(result, req.model, req.cluster, req.train)).plain
     assert f"{st.programs_unsolved} layout programs stopped at the solver's limits" in text
+
+
+def test_search_restores_the_garbage_collector():
+    """The search pauses Python's cyclic collector while it runs and leaves it as it was."""
+    import gc
+
+    req = request(*TINY, "cluster.memory_gib=0.004")
+    seen = []
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            search(req.model, req.cluster, req.train, req.pins,
+                   progress=lambda *args: seen.append(gc.isenabled()))
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
+    assert seen and not any(seen), "paused during the search"

@@ -107,6 +107,7 @@ class _Program:
         self.rank, self.pp, self.calls = rank, pp, calls
         self.next, self.prev = (rank + 1) % pp, (rank - 1) % pp
         self.instructions: list[tuple] = []
+        self.waits = False
         self.last_call = -1
 
     def compute(self, kind: str, chunk: int, microbatch: int) -> None:
@@ -132,6 +133,7 @@ class _Program:
 
     def wait(self, call: int, op: str, kind: str) -> None:
         if call >= 0:
+            self.waits = True
             self.instructions.append((WAIT, call, SEND if op == "send" else RECV, FWD if kind == "F" else BWD))
 
 
@@ -286,12 +288,14 @@ def _compiled(pp: int, vpp: int, m: int, overlap_p2p: bool) -> _Compiled:
     """:func:`programs`, built once per schedule shape: the search simulates many plans of
     the same shape, and building the schedule costs as much as running it."""
     progs, calls = programs(pp, vpp, m, overlap_p2p=overlap_p2p)
+    messages = calls.messages
     code = tuple(
-        tuple((WAIT, calls.messages[ins[1]][(ins[2], ins[3])]) if ins[0] == WAIT else ins for ins in prog.instructions)
+        tuple([(WAIT, messages[ins[1]][ins[2], ins[3]]) if ins[0] == WAIT else ins for ins in prog.instructions])
+        if prog.waits else tuple(prog.instructions)
         for prog in progs
     )
     return _Compiled(code, tuple(calls.rank), tuple(calls.previous), tuple(calls.following),
-                     tuple(tuple(m.values()) for m in calls.messages), tuple(calls.sender), tuple(calls.receiver))
+                     tuple(map(tuple, map(dict.values, messages))), tuple(calls.sender), tuple(calls.receiver))
 
 
 def _match(calls: _Calls) -> None:
@@ -353,10 +357,16 @@ def simulate_pipeline(
     # A call starts once posted and once its rank's previous call has ended; a message
     # moves once both its calls have started; a call ends with its last message.
     def try_start(c: int) -> None:
-        if c >= 0 and start[c] is None and post[c] is not None:
+        # A worklist rather than recursion: a closure that calls itself is a reference
+        # cycle, which would keep this run's arrays alive until the collector runs.
+        todo = [c]
+        while todo:
+            c = todo.pop()
+            if c < 0 or start[c] is not None or post[c] is None:
+                continue
             prev = previous[c]
             if prev >= 0 and end[prev] is None:
-                return
+                continue
             start[c] = post[c] if prev < 0 else max(post[c], end[prev])
             ended = [c]
             for m in messages[c]:
@@ -373,7 +383,7 @@ def simulate_pipeline(
                     if None not in arrived:
                         end[x] = max([start[x]] + arrived)
                         wake(rank_of[x])
-                        try_start(following[x])
+                        todo.append(following[x])
 
     def advance(r: int) -> None:
         """Run rank ``r`` until it must wait for a message."""

@@ -160,17 +160,19 @@ def _in_order(n: int, visit: Callable[[int], bool], *, beaten: Callable[[int, fl
     ``beaten(lo, f)`` rules out, f being a floor of the other terms over the run: the
     larger of the run's ``floor`` and ``floor_below(mid, lo)``, a floor at every index up
     to mid, looked at before the run's first half."""
+    _explore(0, n, floor, visit, beaten, floor_below)
 
-    def explore(lo: int, hi: int, floor: float) -> bool:
-        while lo < hi:
-            if beaten(lo, floor):
-                return False
-            if hi - lo <= RUN:
-                return any(visit(i) for i in range(lo, hi))
-            mid = (lo + hi) // 2
-            if explore(lo, mid, max(floor, floor_below(mid, lo))):
-                return True
-            lo = mid
-        return False
 
-    explore(0, n, floor)
+def _explore(lo: int, hi: int, floor: float, visit, beaten, floor_below) -> bool:
+    # A module-level function, not a closure that calls itself: such a closure is a
+    # reference cycle that would keep the whole solve alive until the collector runs.
+    while lo < hi:
+        if beaten(lo, floor):
+            return False
+        if hi - lo <= RUN:
+            return any(visit(i) for i in range(lo, hi))
+        mid = (lo + hi) // 2
+        if _explore(lo, mid, max(floor, floor_below(mid, lo)), visit, beaten, floor_below):
+            return True
+        lo = mid
+    return False
