@@ -215,6 +215,7 @@ def settle_program(pending: PendingProgram, result, model: ModelSpec, capacity: 
     if isinstance(result, LaterTiers):
         if result.layout is not None:
             est = evaluate(costs, result.layout, model, capacity)
+            assert est.fits, f"{s.short()}: the later tiers' layout {result.layout} does not fit"
             if incumbent is None or est.step_time_s < incumbent.step_time_s:
                 layout, incumbent = result.layout, est
         best = incumbent.step_time_s if incumbent is not None else cutoff_s
