@@ -395,12 +395,10 @@ class Ranks:
         self.counts = sides.states
         self.states = sides.states * (2 if self.mtp else 1)
         self._cache = sides
-        kinds = sides.variants()
         self.sides: list[dict] = []
         self._tables: list[dict] = []
         for r in range(inst.pp):
-            roles = [role for role in sides.roles if not (r == 0 and role == "after")]
-            usable = [(role, v) for role in roles for v in kinds if sides.most(r, role, v) >= sum(v[0]) + v[1]]
+            usable = [(role, v) for role in sides.roles_of(r) for v in sides.variants if sides.usable(r, role, v)]
             self.sides.append({key: sides.side(r, *key) for key in usable})
         his = [max((sides.most(r, *key) for key in by), default=-1) for r, by in enumerate(self.sides)]
         self.feasible = min(his) >= 0 and sum(his) >= L
@@ -644,14 +642,14 @@ class SideCache:
         # The sides measured here become the master's sides once their range of T is known.
         self._probes: dict[tuple, RankSide] = {}
         for r in range(inst.pp):
-            for role in self.roles:
-                for variant in self.variants():
+            for role in self.roles_of(r):
+                for variant in self.variants:
                     probe = RankSide(inst, r, self._stage(r, role), self.unit, range(0), **self._extra(variant))
                     self._probes[r, role, variant] = probe
                     floor = np.where(T >= probe.lead, probe.p(T, _least_rec(inst, T)), math.inf)
                     ok = np.nonzero(floor <= z_limit * (1 + EPS))[0]
                     self._most[r, role, variant] = int(ok.max()) if len(ok) else -1
-        best = [max(self._most[r, role, v] for role in self.roles for v in self.variants()) for r in range(inst.pp)]
+        best = [max(self._most[r, role, v] for role in self.roles_of(r) for v in self.variants) for r in range(inst.pp)]
         self._least = [max(0, L - (sum(best) - best[r])) for r in range(inst.pp)]
         self._sides, self._tables = {}, {}
         self.rank_values: dict = {}
@@ -684,6 +682,15 @@ class SideCache:
                 moves.append(here)
         return moves
 
+    def roles_of(self, r: int) -> tuple[str, ...]:
+        """The roles rank r can play: the first rank is never after the MTP stage."""
+        return tuple(role for role in self.roles if not (r == 0 and role == "after"))
+
+    def usable(self, r: int, role: str, variant: tuple) -> bool:
+        """Whether rank r can hold the layers the variant puts on it within the Z limit."""
+        return self._most[r, role, variant] >= self._probes[r, role, variant].lead
+
+    @cached_property
     def variants(self) -> list[tuple]:
         """Every variant of a rank, closed ones first: ((), 0, False) alone without a
         dense prefix."""
