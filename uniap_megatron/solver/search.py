@@ -23,7 +23,7 @@ import itertools
 import math
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -321,7 +321,7 @@ class _Search:
         changes no bound, so the search takes the same course."""
         batch = [node]
         if len(self.heap) >= REFINE_BATCH_NODES:
-            soon = heapq.nsmallest(2 * REFINE_BATCH, self.heap)
+            soon = itertools.islice(_ascending(self.heap), 2 * REFINE_BATCH)
             batch += [n for n in soon if n.kind == "key" and n.stage == 1 and not n.stale][: REFINE_BATCH - 1]
         bounds = self.refines.map([(n.family, n.sp, n.recompute) for n in batch])
         for n, bound in zip(batch, bounds):
@@ -570,6 +570,17 @@ def _search(model, cluster, train, pins, options, progress) -> SearchResult:
     )
     return SearchResult(best=found[0], alternatives=tuple(found[1 : options.top_k]), stats=stats,
                         closed_form=closed_form)
+
+
+def _ascending(heap: list) -> Iterator:
+    """A binary heap's entries in increasing order, read lazily: the first k cost about
+    k log k comparisons, where ``heapq.nsmallest`` compares every entry."""
+    frontier = [(heap[0], 0)] if heap else []
+    while frontier:
+        node, i = heapq.heappop(frontier)
+        yield node
+        for child in range(2 * i + 1, min(2 * i + 3, len(heap))):
+            heapq.heappush(frontier, (heap[child], child))
 
 
 PARALLEL_FAMILIES = 2000
