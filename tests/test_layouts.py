@@ -72,3 +72,27 @@ def test_cutoff_hides_layouts_that_do_not_beat_it(problem):
     best = want.estimate.step_time_s
     assert best_layout(costs, model, capacity, cutoff_s=best * (1 - 1e-6)).layout is None
     assert best_layout(costs, model, capacity, cutoff_s=best * (1 + 1e-6)).layout is not None
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(layout_problem(prefix=True, max_layers=9, max_stages=12))
+def test_later_tiers_need_only_ascending_dense_chunks(problem):
+    """The later tiers try the chunks before the tier with their dense layers in ascending
+    order only (where the schedule allows it): the optimum is that of every order."""
+    from unittest import mock
+
+    from uniap_megatron.solver import ranks
+    from uniap_megatron.solver.instance import Instance
+
+    costs, model, capacity = problem
+    inst = Instance(costs, model, capacity)
+    assume(costs.strategy.vpp >= 3 and ranks._dense_prefix(inst) is not None and ranks._dense_prefix(inst)[0] >= 2)
+    with mock.patch.object(ranks, "LATER_TIERS_CALLS", 10**9):  # exact
+        ascending = ranks.solve_later_tiers(inst, math.inf)
+        with mock.patch.object(ranks.SideCache, "_ascending_from", lambda self, r: self.tier):
+            every = ranks.solve_later_tiers(inst, math.inf)
+    assert (ascending is None) == (every is None)
+    if every is not None:
+        assert (ascending.outcome.best is None) == (every.outcome.best is None)
+        if every.outcome.best is not None:
+            assert math.isclose(ascending.bound, every.bound, rel_tol=1e-9), (ascending.bound, every.bound)

@@ -620,17 +620,17 @@ class SideCache:
     prefix, every way its chunks can take dense layers), built once per strategy: the
     layers a rank may hold come from the Z limit and the other ranks' best variants.
 
-    With a dense prefix of D layers, ``tier`` is the chunk in which the prefix ends and
-    ``before`` how many dense layers the chunks before it hold in all (fewer than D: every
-    such chunk holds dense layers alone). ``tier`` 0 is the common case; the others are
-    the layouts whose first chunks hold fewer than D layers."""
+    With a dense prefix of D layers, ``tier`` is the chunk in which the prefix ends: the
+    chunks before it hold fewer than D dense layers in all, and nothing else. ``tier`` 0
+    is the common case; the others are the layouts whose first chunks hold fewer than D
+    layers."""
 
     def __init__(self, inst: Instance, z_limit: float, *, unit: Unit | None = None, lead_unit: Unit | None = None,
-                 dense: int = 0, exact: bool | None = None, tier: int = 0, before: int = 0):
+                 dense: int = 0, exact: bool | None = None, tier: int = 0):
         self.inst = inst
         self.unit = unit or (next(iter(inst.units.values())) if inst.homogeneous else _lightest(inst))
         self.lead_unit = lead_unit
-        self.dense, self.tier, self.before = dense, tier, before
+        self.dense, self.tier = dense, tier
         self.moves = self._moves()
         if exact is None:
             exact = inst.homogeneous
@@ -642,14 +642,17 @@ class SideCache:
         # The sides measured here become the master's sides once their range of T is known.
         self._probes: dict[tuple, RankSide] = {}
         for r in range(inst.pp):
+            start = self._ascending_from(r)
             for role in self.roles_of(r):
                 for variant in self.variants:
+                    if list(variant[0][start:]) != sorted(variant[0][start:]):
+                        continue
                     probe = RankSide(inst, r, self._stage(r, role), self.unit, range(0), **self._extra(variant))
                     self._probes[r, role, variant] = probe
                     floor = np.where(T >= probe.lead, probe.p(T, _least_rec(inst, T)), math.inf)
                     ok = np.nonzero(floor <= z_limit * (1 + EPS))[0]
                     self._most[r, role, variant] = int(ok.max()) if len(ok) else -1
-        best = [max(self._most[r, role, v] for role in self.roles_of(r) for v in self.variants) for r in range(inst.pp)]
+        best = [max(m for (rank, _, _), m in self._most.items() if rank == r) for r in range(inst.pp)]
         self._least = [max(0, L - (sum(best) - best[r])) for r in range(inst.pp)]
         self._sides, self._tables = {}, {}
         self.rank_values: dict = {}
@@ -657,29 +660,45 @@ class SideCache:
 
     @property
     def states(self) -> int:
-        """States of the master's count of dense layers placed: (before the tier, in it)."""
-        return (self.before + 1) * (self.dense - self.before + 1)
+        """States of the master's count of dense layers (:meth:`_moves`)."""
+        return len(self._state_index)
+
+    @cached_property
+    def _state_index(self) -> dict[tuple[int, bool], int]:
+        """(dense layers placed, whether the tier's open chunk is placed) -> state, for the
+        states a layout can pass through; the last one is every dense layer placed."""
+        D, k = self.dense, self.tier
+        if not D:
+            return {(0, True): 0}
+        # Before the tier opens, fewer than D are placed; after it, all of them unless
+        # later ranks may still place some ahead of the tier (k > 0).
+        states = [(c, False) for c in range(D)] + [(c, True) for c in range(1 if k else D, D + 1)]
+        return {state: i for i, state in enumerate(states)}
 
     def _moves(self) -> list[list[tuple[tuple, int]]]:
         """Per state, the (variant, next state) a rank may take. A variant is (dense
         layers of each chunk before the tier, dense layers that open the tier's chunk,
-        whether that chunk holds them alone). While the tier's count is short of its
-        share, the next rank's chunk in the tier holds only d dense layers (*closed*) or
-        opens with the rest and goes on with the other kind (*open*)."""
-        D, S, k = self.dense, self.before, self.tier
-        share, width = D - S, D - S + 1
+        whether that chunk holds them alone). Until the tier opens, a rank's chunk in the
+        tier holds only dense layers (*closed*) or opens with some and goes on with the
+        other kind (*open*); the ranks after it take the other kind there, and ranks on
+        either side may place dense layers in the chunks before the tier, as long as D
+        are placed in the end."""
+        D, k = self.dense, self.tier
+        index = self._state_index
+        if not D:
+            return [[(((), 0, False), 0)]]
         moves = []
-        for placed in range(S + 1):
-            for c in range(width):
-                here = []
-                for q in _compositions(k, S - placed):
-                    base = (placed + sum(q)) * width
-                    if c < share:
-                        here += [((q, d, True), base + c + d) for d in range(share - c)]
-                        here.append(((q, share - c, False), base + share))
-                    else:
-                        here.append(((q, 0, False), base + c))
-                moves.append(here)
+        for c, opened in index:
+            here = []
+            for q in _compositions(k, D - c if opened else D - 1 - c):
+                placed = c + sum(q)
+                if opened:
+                    here.append(((q, 0, False), index[placed, True]))
+                    continue
+                here += [((q, d, True), index[placed + d, False]) for d in range(D - placed)]
+                # With nothing ahead of the tier (k = 0), the open chunk takes the rest.
+                here += [((q, d, False), index[placed + d, True]) for d in range(1 if k else D - placed, D - placed + 1)]
+            moves.append(here)
         return moves
 
     def roles_of(self, r: int) -> tuple[str, ...]:
@@ -687,17 +706,37 @@ class SideCache:
         return tuple(role for role in self.roles if not (r == 0 and role == "after"))
 
     def usable(self, r: int, role: str, variant: tuple) -> bool:
-        """Whether rank r can hold the layers the variant puts on it within the Z limit."""
-        return self._most[r, role, variant] >= self._probes[r, role, variant].lead
+        """Whether rank r can take the variant (see :meth:`_ascending_from`) and hold
+        the layers it puts on it within the Z limit."""
+        key = (r, role, variant)
+        return key in self._probes and self._most[key] >= self._probes[key].lead
+
+    def _ascending_from(self, r: int) -> int:
+        """The first of rank r's chunks before the tier from which they may hold their
+        dense layers in ascending order only. The ranks share those layers through their
+        count alone, and the rank's work, tail and static memory depend on the counts, not
+        on their order. Where the later chunks hold no more micro-batches in flight at any
+        point of the schedule and are no slower when empty, the ascending order keeps no
+        more activations at any point and its slowest chunk is no slower (rearrangement):
+        a layout with another order there becomes one with the ascending order, no slower.
+        (The first rank's first chunk, which also embeds, is often left out.)"""
+        inst, k = self.inst, self.tier
+        stages = [c * inst.pp + r for c in range(k)]
+        empty = np.array([inst.fixed(i, None).time + inst.p2p * inst.transfers(i) for i in stages])
+        points = inst.points(r)[:, :k]
+        start = k - 1
+        while start > 0 and empty[start - 1] >= empty[start] and (points[:, start - 1] >= points[:, start]).all():
+            start -= 1
+        return max(start, 0)
 
     @cached_property
     def variants(self) -> list[tuple]:
         """Every variant of a rank, closed ones first: ((), 0, False) alone without a
         dense prefix."""
-        D, S, k = self.dense, self.before, self.tier
-        qs = _compositions(k, S)
-        return ([(q, d, True) for q in qs for d in range(D - S)]
-                + [(q, d, False) for q in qs for d in range(D - S + 1)])
+        D, k = self.dense, self.tier
+        qs = _compositions(k, max(D - 1, 0))
+        return ([(q, d, True) for q in qs for d in range(D - sum(q))]
+                + [(q, d, False) for q in qs for d in range(D - sum(q) + 1)])
 
     def _extra(self, variant: tuple) -> dict:
         q, lead, closed = variant
@@ -797,30 +836,26 @@ def solve_ranks(inst: Instance, cutoff: float = math.inf) -> RanksResult:
 def solve_later_tiers(inst: Instance, cutoff: float = math.inf) -> RanksResult | None:
     """For a model with a dense prefix of D layers, the best layout whose first chunks
     hold fewer than D layers, if it beats ``cutoff``: per tier of chunks in which the
-    prefix can end, and per count of dense layers the chunks before it hold, the master
-    follows the prefix through that tier (:class:`SideCache`). A tier is solved while its
-    bubble bound beats the best so far; None when none does from the start.
+    prefix can end, the master follows the prefix through that tier (:class:`SideCache`).
+    A tier is solved while its bubble bound beats the best so far; None when none does
+    from the start.
 
     Exact unless the dynamic programs run past ``LATER_TIERS_CALLS``: then
     ``later_bound`` is the lowest bound of the tiers left (a count, not seconds, so every
     run gives the same answer)."""
     dense, lead_unit, unit = _dense_prefix(inst)
-    regions = [(tier, before) for tier in range(1, inst.vpp) for before in range(dense)]
-    result, calls = None, 0
-    for i, (tier, before) in enumerate(regions):
+    bounds = [_spilled(inst, dense - 1, tier) for tier in range(1, inst.vpp)]
+    result, used = None, 0
+    for tier, bound in enumerate(bounds, start=1):
         best = cutoff if result is None or result.outcome.best is None else min(cutoff, result.bound)
-        if _spilled(inst, before, tier) >= best * (1 - 1e-12):
-            if before == dense - 1:
-                break  # nor does any layout whose prefix ends later
-            continue  # no layout with ``before`` layers ahead of this tier beats it
-        if calls >= LATER_TIERS_CALLS:
-            left = min(_spilled(inst, b, t) for t, b in regions[i:])
-            unfinished = result or RanksResult(Outcome(None, None, calls), True, None, None)
-            return dataclasses.replace(unfinished, later_bound=left)
-        sides = SideCache(inst, _z_limit(inst, best), unit=unit, lead_unit=lead_unit, dense=dense, exact=True,
-                          tier=tier, before=before)
+        if bound >= best * (1 - 1e-12):
+            continue
+        if used >= LATER_TIERS_CALLS:
+            unfinished = result or RanksResult(Outcome(None, None, used), True, None, None)
+            return dataclasses.replace(unfinished, later_bound=min(bounds[tier - 1:]))
+        sides = SideCache(inst, _z_limit(inst, best), unit=unit, lead_unit=lead_unit, dense=dense, exact=True, tier=tier)
         solved = _solve(inst, best, sides)
-        calls += solved.outcome.calls
+        used += solved.outcome.calls
         result = _better(result, solved)
     return result
 
