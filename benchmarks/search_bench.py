@@ -84,7 +84,7 @@ def run_once(scenario: Scenario, naive_limit_s: float) -> dict:
         "programs_solved": st.programs_solved,
         "mixed_integer_programs": st.mixed_integer_programs,
         "solver_s": st.solver_time_s,
-        "gap": max(st.max_gap, st.search_gap),
+        "gap": st.search_gap,
         "complete": st.complete,
         "best": plan.strategy.short(),
         "layout": plan.layout.to_megatron(),

@@ -129,6 +129,26 @@ SEVEN_HEADS = (
             ["train.precision ('fp32') must be one of: bf16, fp16, fp8."],
             id="unknown-precision",
         ),
+        pytest.param(
+            ("solver.top_k=0",),
+            ["solver.top_k (0) must be a positive integer."],
+            id="solver-top-k-zero",
+        ),
+        pytest.param(
+            ("solver.max_programs=many",),
+            ["solver.max_programs ('many') must be a positive integer."],
+            id="solver-budget-not-a-number",
+        ),
+        pytest.param(
+            ("solver.max_prefix_calls=-1",),
+            ["solver.max_prefix_calls (-1) must be an integer >= 0."],
+            id="solver-prefix-budget-negative",
+        ),
+        pytest.param(
+            ("solver.time_limit_s=0",),
+            ["solver.time_limit_s (0) must be a positive number of seconds."],
+            id="solver-time-limit-zero",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_paragraph(overrides, expected):

@@ -87,10 +87,9 @@ def test_later_tiers_need_only_ascending_dense_chunks(problem):
     costs, model, capacity = problem
     inst = Instance(costs, model, capacity)
     assume(costs.strategy.vpp >= 3 and ranks._dense_prefix(inst) is not None and ranks._dense_prefix(inst)[0] >= 2)
-    with mock.patch.object(ranks, "LATER_TIERS_CALLS", 10**9):  # exact
-        ascending = ranks.solve_later_tiers(inst, math.inf)
-        with mock.patch.object(ranks.SideCache, "_ascending_from", lambda self, r: self.tier):
-            every = ranks.solve_later_tiers(inst, math.inf)
+    ascending = ranks.solve_later_tiers(inst, math.inf, calls=10**9)
+    with mock.patch.object(ranks.SideCache, "_ascending_from", lambda self, r: self.tier):
+        every = ranks.solve_later_tiers(inst, math.inf, calls=10**9)
     assert (ascending is None) == (every is None)
     if every is not None:
         assert (ascending.outcome.best is None) == (every.outcome.best is None)

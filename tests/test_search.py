@@ -199,24 +199,37 @@ def test_deferred_layout_problems_run_beside_the_search_and_change_nothing(monke
     assert closed[0] == [(s, t) for t, _, s in want[:5]]
 
 
-def test_later_tiers_past_their_work_limit_leave_a_plan_and_its_gap(monkeypatch):
+@pytest.mark.parametrize("limit", ["per strategy", "per search"])
+def test_later_tiers_past_their_work_limit_leave_a_plan_and_its_gap(monkeypatch, limit):
     """The later tiers of a dense-prefix model (layouts whose first chunks hold fewer
-    than the dense layers) stop at a fixed amount of work: the layout found so far
-    stands, with the bound of the tiers left as its gap."""
+    than the dense layers) stop at a fixed amount of work, per strategy and per search:
+    the layout found so far stands, the bound of the tiers left is in the gap, and the
+    report names the limit. One process or two, the same plan and statistics."""
     import uniap_megatron.solver.ranks as ranks
+    from uniap_megatron.report import solver_text
 
     req = request(*TINY, *MOE_LAYERS, "+model.moe_layer_freq=[0,0,1,1,1,1]", "cluster.memory_gib=0.004")
     proven = search(req.model, req.cluster, req.train, req.pins)
     assert proven.stats.complete and proven.stats.max_gap == 0 and proven.stats.search_gap == 0
-    monkeypatch.setattr(ranks, "LATER_TIERS_CALLS", 0)
-    limited = search(req.model, req.cluster, req.train, req.pins)
-    st = limited.stats
-    assert "feasible" in st.statuses and max(st.max_gap, st.search_gap) > 0
+    assert proven.stats.prefix_open == 0
+    options = SearchOptions()
+    if limit == "per strategy":
+        monkeypatch.setattr(ranks, "LATER_TIERS_CALLS", 0)
+    else:
+        options = SearchOptions(max_prefix_calls=0)
+    runs = [search(req.model, req.cluster, req.train, req.pins, dataclasses.replace(options, workers=w))
+            for w in (2, 1)]
+    limited, st = runs[0], runs[0].stats
+    assert st.prefix_open > 0 and "feasible" in st.statuses and st.max_gap > 0 and st.search_gap > 0
     assert all(x.estimate.fits for x in limited.closed_form)
     best = proven.closed_form[0].estimate.step_time_s
     assert min(x.estimate.step_time_s for x in limited.closed_form) >= best * (1 - 1e-12)
-    again = search(req.model, req.cluster, req.train, req.pins)
-    assert [x.strategy for x in again.closed_form] == [x.strategy for x in limited.closed_form]
+    # The gap is the best plan's, and an honest one: the optimum lies within it.
+    assert limited.closed_form[0].estimate.step_time_s * (1 - st.search_gap) <= best * (1 + 1e-9)
+    assert "solver.max_prefix_calls" in solver_text(Plan.from_search(limited, req.model, req.cluster, req.train)).plain
+    same = [dataclasses.replace(r.stats, wall_s=0.0, solver_time_s=0.0) for r in runs]
+    assert same[0] == same[1]
+    assert [x.strategy for x in runs[1].closed_form] == [x.strategy for x in limited.closed_form]
 
 
 def test_a_program_stopped_at_a_limit_leaves_a_plan_and_its_gap(monkeypatch):

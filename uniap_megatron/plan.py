@@ -180,9 +180,9 @@ class Plan:
         if self.search is not None:
             st = self.search.stats
             out["solver"] = {
-                "status": "optimal" if st.complete and st.max_gap == 0 else "feasible",
+                "status": "optimal" if st.complete and st.search_gap == 0 else "feasible",
                 "program_statuses": list(st.statuses),
-                "gap": _r(max(st.max_gap, st.search_gap)),
+                "gap": _r(st.search_gap),
                 "configs_enumerated": st.configs_enumerated,
                 "configs_pruned_by_memory": st.configs_pruned_by_memory,
                 "configs_pruned_by_bound": st.configs_pruned_by_bound,

@@ -25,6 +25,7 @@ def plan_request(req: PlanRequest, progress=None, *, profile: str | None = None)
         solver=SolverOptions(name=req.solver.name, time_limit_s=req.solver.time_limit_s),
         top_k=req.solver.top_k,
         max_programs=req.solver.max_programs,
+        max_prefix_calls=req.solver.max_prefix_calls,
         implementation=implementation,
         cost_source=source,
     )

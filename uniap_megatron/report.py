@@ -110,9 +110,12 @@ def solver_text(plan: Plan) -> Text:
     if plan.search is None:
         return Text("")
     st = plan.search.stats
-    gap = max(st.max_gap, st.search_gap)
+    gap = st.search_gap
     if st.complete and gap == 0:
         status = "proven optimal in closed form; the plans solved were simulated and the fastest chosen"
+    elif st.prefix_open:
+        status = (f"best found, gap {gap:.2%} (the dense-prefix layouts of {st.prefix_open} strategies were "
+                  "bounded, not solved, past solver.max_prefix_calls)")
     elif st.programs_unsolved:
         status = (f"best found, gap {gap:.2%} ({st.programs_unsolved} layout programs stopped at the "
                   "solver's limits, solver.time_limit_s, before finding a layout)")

@@ -54,6 +54,8 @@ class LayoutResult:
     programs: int
     """Mixed integer programs solved (0 when the combinatorial solver was exact)."""
     solve_time_s: float
+    later_calls: int = 0
+    """Dynamic programs the later tiers of a dense prefix ran (:func:`run_program`)."""
 
 
 def layout_text(model: ModelSpec, counts: list[int], mtp_stage: int | None) -> tuple[str, ...]:
@@ -87,6 +89,8 @@ class PendingProgram:
     others."""
     fits: bool | None = None
     """With ``later_tiers``: whether a layout of the others fits."""
+    later_calls: int | None = None
+    """With ``later_tiers``: the dynamic programs they may run (None: the usual limit)."""
 
     def provisional(self) -> LayoutResult | None:
         """The incumbent as a result, optimal unless the program finds better."""
@@ -103,11 +107,15 @@ def best_layout(
     *,
     cutoff_s: float = math.inf,
     options: SolverOptions = SolverOptions(),
+    later_calls: int | None = None,
 ) -> LayoutResult:
-    """The fastest layout of ``costs.strategy`` that fits, if it beats ``cutoff_s``."""
+    """The fastest layout of ``costs.strategy`` that fits, if it beats ``cutoff_s``
+    (``later_calls``: as :attr:`PendingProgram.later_calls`)."""
     first = combinatorial_layout(costs, model, capacity, cutoff_s=cutoff_s)
     if isinstance(first, LayoutResult):
         return first
+    if first.later_tiers:
+        first = dataclasses.replace(first, later_calls=later_calls)
     started = time.perf_counter()
     result = run_program(first, model, capacity, options)
     return settle_program(first, result, model, capacity, time.perf_counter() - started)
@@ -179,6 +187,8 @@ class LaterTiers:
     fits: bool | None
     open_s: float | None = None
     """A lower bound of the tiers the work limit left undecided; None when none is."""
+    calls: int = 0
+    """Dynamic programs run."""
 
 
 def run_program(pending: PendingProgram, model: ModelSpec, capacity: float, options: SolverOptions):
@@ -186,14 +196,14 @@ def run_program(pending: PendingProgram, model: ModelSpec, capacity: float, opti
     its arguments)."""
     if pending.later_tiers:
         inst = Instance(pending.costs, model, capacity)
-        ranks = solve_later_tiers(inst, pending.program_cutoff_s - inst.constant)
+        ranks = solve_later_tiers(inst, pending.program_cutoff_s - inst.constant, pending.later_calls)
         if ranks is None:
             return LaterTiers(None, None)
         open_s = None if ranks.later_bound is None else ranks.later_bound + inst.constant
         layout = None
         if ranks.counts is not None:
             layout = Layout(stages=layout_text(model, ranks.counts, ranks.mtp_stage), pp=pending.costs.strategy.pp)
-        return LaterTiers(layout, True if layout else ranks.outcome.fits, open_s)
+        return LaterTiers(layout, True if layout else ranks.outcome.fits, open_s, ranks.outcome.calls)
 
     from uniap_megatron.errors import SolverError
     from uniap_megatron.solver.program import solve_layout  # PuLP loads only when needed
@@ -222,10 +232,11 @@ def settle_program(pending: PendingProgram, result, model: ModelSpec, capacity: 
         proven = result.open_s is None or result.open_s >= best * (1 - AGREE)
         if incumbent is not None:
             gap = 0.0 if proven else (incumbent.step_time_s - result.open_s) / incumbent.step_time_s
-            return LayoutResult(layout, incumbent, True, proven, gap, "ranks", 0, elapsed)
+            return LayoutResult(layout, incumbent, True, proven, gap, "ranks", 0, elapsed, result.calls)
         if not proven:  # the work limit left tiers open, and nothing found so far
-            return LayoutResult(None, None, None, False, math.inf, "ranks", 0, elapsed)
-        return LayoutResult(None, None, any_fits(pending.fits, result.fits), True, 0.0, "ranks", 0, elapsed)
+            return LayoutResult(None, None, None, False, math.inf, "ranks", 0, elapsed, result.calls)
+        return LayoutResult(None, None, any_fits(pending.fits, result.fits), True, 0.0, "ranks", 0, elapsed,
+                            result.calls)
     if isinstance(result, Unsolved):
         # The layout found so far stands, unproven; without one the strategy stays open.
         if incumbent is not None:

@@ -833,16 +833,18 @@ def solve_ranks(inst: Instance, cutoff: float = math.inf) -> RanksResult:
     return dataclasses.replace(result, bound=min(result.bound, later))  # relaxed: the program decides all
 
 
-def solve_later_tiers(inst: Instance, cutoff: float = math.inf) -> RanksResult | None:
+def solve_later_tiers(inst: Instance, cutoff: float = math.inf, calls: int | None = None) -> RanksResult | None:
     """For a model with a dense prefix of D layers, the best layout whose first chunks
     hold fewer than D layers, if it beats ``cutoff``: per tier of chunks in which the
     prefix can end, the master follows the prefix through that tier (:class:`SideCache`).
     A tier is solved while its bubble bound beats the best so far; None when none does
     from the start.
 
-    Exact unless the dynamic programs run past ``LATER_TIERS_CALLS``: then
-    ``later_bound`` is the lowest bound of the tiers left (a count, not seconds, so every
-    run gives the same answer)."""
+    Exact unless the dynamic programs run past ``calls`` (by default
+    ``LATER_TIERS_CALLS``): then ``later_bound`` is the lowest bound of the tiers left (a
+    count, not seconds, so every run gives the same answer); ``outcome.calls`` says how
+    many ran."""
+    calls = LATER_TIERS_CALLS if calls is None else calls
     dense, lead_unit, unit = _dense_prefix(inst)
     bounds = [_spilled(inst, dense - 1, tier) for tier in range(1, inst.vpp)]
     result, used = None, 0
@@ -850,7 +852,7 @@ def solve_later_tiers(inst: Instance, cutoff: float = math.inf) -> RanksResult |
         best = cutoff if result is None or result.outcome.best is None else min(cutoff, result.bound)
         if bound >= best * (1 - 1e-12):
             continue
-        if used >= LATER_TIERS_CALLS:
+        if used >= calls:
             unfinished = result or RanksResult(Outcome(None, None, used), True, None, None)
             return dataclasses.replace(unfinished, later_bound=min(bounds[tier - 1:]))
         sides = SideCache(inst, _z_limit(inst, best), unit=unit, lead_unit=lead_unit, dense=dense, exact=True, tier=tier)

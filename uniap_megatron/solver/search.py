@@ -49,7 +49,9 @@ from uniap_megatron.solver.bounds import (
     strategy_bound,
     variants_bound,
 )
+from uniap_megatron.solver import ranks
 from uniap_megatron.solver.layouts import (
+    LaterTiers,
     LayoutResult,
     PendingProgram,
     best_layout,
@@ -100,6 +102,9 @@ class SearchStats:
     programs_infeasible: int = 0
     programs_unsolved: int = 0
     """Layout problems stopped by a solver limit before finding any layout."""
+    prefix_open: int = 0
+    """Layout problems whose dense-prefix layouts the work limits left bounded, not solved
+    (``max_prefix_calls``); with or without a layout of the others."""
     mixed_integer_programs: int = 0
     """Of those, how many needed the mixed integer program."""
     families: int = 0
@@ -109,7 +114,8 @@ class SearchStats:
     max_gap: float = 0.0
     """Largest optimality gap of a layout problem whose layout was kept."""
     search_gap: float = 0.0
-    """(best - lowest bound left unexplored) / best; 0 when the search proved optimality."""
+    """(best - lowest bound left open) / best, counting the strategies not solved and the
+    layouts kept unproven (down to their bounds); 0 when the search proved optimality."""
     complete: bool = True
     """False when the program budget stopped the search early."""
     statuses: tuple[str, ...] = ()
@@ -134,6 +140,10 @@ class SearchOptions:
     """Layout problems solved at most; then the best plan so far is returned with the gap
     left. A count rather than seconds, so that every run (and every rank) returns the same
     plan."""
+    max_prefix_calls: int = 3000
+    """Dynamic programs spent, over the whole search, on layouts whose first chunks hold
+    fewer layers than a dense prefix (the later tiers); past it, those of the strategies
+    solved next are bounded, not solved. A count, for the same reason."""
     implementation: Implementation = Implementation.TE
     workers: int = 2
     """Processes that bound the keys of a large space (forked; the result is the same with
@@ -189,10 +199,12 @@ class _Search:
         self.found: list[Solution] = []
         self.best_simulated = math.inf
         self.counter = itertools.count()
-        self.stats = dict(memory=0, bound=0, solved=0, infeasible=0, unsolved=0, mips=0, bounds=0)
+        self.stats = dict(memory=0, bound=0, solved=0, infeasible=0, unsolved=0, mips=0, bounds=0, prefix_open=0)
         self.solver_time, self.max_gap, self.statuses = 0.0, 0.0, set()
         self.memory_pruned: list[tuple[float, tuple, Strategy]] = []
         self.unsolved_bound = math.inf
+        self.prefix_calls_left = options.max_prefix_calls
+        """Of ``max_prefix_calls``, what the later tiers read so far left."""
         """The lowest bound of the strategies a solver limit left without a layout."""
         self.helper = Helper({"simulate": simulated_step, "refine": self.refined_bound, "program": self.program},
                              enabled=options.workers >= 2)
@@ -379,6 +391,9 @@ class _Search:
             # one runs (on the second core when there is one) while the search goes on
             # with the layout found so far, which is a valid plan and so a valid cutoff.
             self.programs.settle(keep=1)
+            if result.later_tiers:
+                # The answers read so far are read at fixed points: the same on every run.
+                result = dataclasses.replace(result, later_calls=self._later_calls())
             provisional = result.provisional()
             index = None
             if provisional is not None:
@@ -393,6 +408,8 @@ class _Search:
         ``provisional`` is the index of the plan kept for it while its program ran."""
         self.stats["mips"] += result.programs
         self.solver_time += result.solve_time_s
+        self.prefix_calls_left = max(0, self.prefix_calls_left - result.later_calls)
+        self.stats["prefix_open"] += result.method == "ranks" and not result.proven  # later tiers left open
         if result.layout is None:
             if result.fits is False:
                 self.stats["infeasible"] += 1
@@ -402,6 +419,9 @@ class _Search:
                 self.unsolved_bound = min(self.unsolved_bound, bound)
             return
         self.max_gap = max(self.max_gap, result.gap)
+        if result.gap > 0:
+            # Its own optimum may lie below the layout kept, down to the layout's bound.
+            self.unsolved_bound = min(self.unsolved_bound, max(bound, result.estimate.step_time_s * (1 - result.gap)))
         self.statuses.add("optimal" if result.proven else "feasible")
         if provisional is not None and self.found[provisional].layout == result.layout:
             self.found[provisional] = dataclasses.replace(self.found[provisional], program=result)
@@ -417,6 +437,8 @@ class _Search:
     def programmed(self, key: tuple, value: tuple) -> None:
         s, bound, provisional, pending = key
         result, seconds = value
+        if isinstance(result, LaterTiers) and result.open_s is not None:
+            bound = max(bound, result.open_s)  # what the tiers left open can be, at least
         self.record(s, settle_program(pending, result, self.model, self.capacity, seconds), bound, provisional)
 
     def _best_layout(self, node: _Node) -> LayoutResult | PendingProgram:
@@ -435,14 +457,19 @@ class _Search:
                 cutoff = est.step_time_s
         if math.isfinite(cutoff):
             return combinatorial_layout(costs, self.model, self.capacity, cutoff_s=cutoff * (1 + REL_TOL))
-        total = 0.0
+        total, calls = 0.0, 0
         for limit in (node.bound * 1.02, node.bound * 1.1, math.inf):
             result = best_layout(costs, self.model, self.capacity, cutoff_s=limit * (1 + REL_TOL),
-                                 options=self.options.solver)
-            total += result.solve_time_s
+                                 options=self.options.solver, later_calls=self._later_calls(calls))
+            total, calls = total + result.solve_time_s, calls + result.later_calls
             if result.layout is not None or result.fits is False:
                 break
-        return dataclasses.replace(result, solve_time_s=total)
+        return dataclasses.replace(result, solve_time_s=total, later_calls=calls)
+
+    def _later_calls(self, spent: int = 0) -> int:
+        """The dynamic programs a strategy's later tiers may run: their own limit, within
+        what is left of the search's (the answers read so far counted, and ``spent``)."""
+        return max(0, min(ranks.LATER_TIERS_CALLS, self.prefix_calls_left) - spent)
 
     # ------------------------------------------------------------------- run
     def run(self, progress: ProgressFn | None) -> tuple[float | None, bool]:
@@ -537,10 +564,13 @@ def _search(model, cluster, train, pins, options, progress) -> SearchResult:
         if not complete:
             raise InfeasibleError("The program budget ended before any plan fitted; raise solver.max_programs.")
         if state.stats["unsolved"]:
+            limits = f"solver.time_limit_s={options.solver.time_limit_s:g}"
+            if state.stats["prefix_open"]:
+                limits += f", solver.max_prefix_calls={options.max_prefix_calls}"
             raise SolverError(
                 f"The layout programs of {state.stats['unsolved']} strategies stopped at the solver's limits "
-                f"(solver.time_limit_s={options.solver.time_limit_s:g}) before finding any layout, and no other "
-                "strategy fits; raise solver.time_limit_s or pin more of the strategy.")
+                f"({limits}) before finding any layout, and no other strategy fits; raise those limits or pin "
+                "more of the strategy.")
         raise _nothing_fits(state, families)
     found = _distinct(state.found)
     best_time = found[0].estimate.step_time_s
@@ -558,6 +588,7 @@ def _search(model, cluster, train, pins, options, progress) -> SearchResult:
         programs_solved=st["solved"],
         programs_infeasible=st["infeasible"],
         programs_unsolved=st["unsolved"],
+        prefix_open=st["prefix_open"],
         mixed_integer_programs=st["mips"],
         families=len(families),
         bounds_computed=st["bounds"],

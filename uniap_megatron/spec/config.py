@@ -26,6 +26,21 @@ class SolverConfig:
     time_limit_s: float = 10.0
     top_k: int = 5
     max_programs: int = 400
+    max_prefix_calls: int = 3000
+    """Dynamic programs the search may spend, in all, on the layouts whose first chunks
+    hold fewer layers than the model's dense prefix (interleaved plans of DeepSeek-style
+    models); past it they are bounded instead of solved, and the gap is reported."""
+
+    def __post_init__(self) -> None:
+        least = {"top_k": 1, "max_programs": 1, "max_prefix_calls": 0}
+        for field, low in least.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                what = "a positive integer" if low else "an integer >= 0"
+                raise InputError(f"solver.{field} ({value!r}) must be {what}.")
+        value = self.time_limit_s
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise InputError(f"solver.time_limit_s ({value!r}) must be a positive number of seconds.")
 
 
 @dataclass(frozen=True)
