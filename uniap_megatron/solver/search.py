@@ -31,6 +31,7 @@ from uniap_megatron.cost.activations import Implementation
 from uniap_megatron.cost.items import CostSource, StepCosts, step_costs
 from uniap_megatron.cost.step import Estimate, evaluate
 from uniap_megatron.errors import InfeasibleError, SolverError
+from uniap_megatron.solver import ranks
 from uniap_megatron.solver.background import Deferred, Helper, Shared, Simulations, forkable, simulated_step
 from uniap_megatron.solver.bounds import (
     Layers,
@@ -49,7 +50,6 @@ from uniap_megatron.solver.bounds import (
     strategy_bound,
     variants_bound,
 )
-from uniap_megatron.solver import ranks
 from uniap_megatron.solver.layouts import (
     LaterTiers,
     LayoutResult,
@@ -203,9 +203,10 @@ class _Search:
         self.solver_time, self.max_gap, self.statuses = 0.0, 0.0, set()
         self.memory_pruned: list[tuple[float, tuple, Strategy]] = []
         self.unsolved_bound = math.inf
+        """The lowest bound of the strategies a solver limit left open: without a layout,
+        or with one not proven optimal."""
         self.prefix_calls_left = options.max_prefix_calls
         """Of ``max_prefix_calls``, what the later tiers read so far left."""
-        """The lowest bound of the strategies a solver limit left without a layout."""
         self.helper = Helper({"simulate": simulated_step, "refine": self.refined_bound, "program": self.program},
                              enabled=options.workers >= 2)
         self.sims = Simulations(self.helper, self.simulated)
