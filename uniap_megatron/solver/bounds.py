@@ -359,24 +359,30 @@ def _bound(costs: StepCosts, model: ModelSpec, capacity: float, vpp: int, rec: R
     return a * z + rest + costs.embedding_sync_s + costs.overhead_s
 
 
-def spilled_bound(costs: StepCosts, model: ModelSpec, capacity: float, held: int, tiers: int = 1) -> float:
-    """Lower bound for the layouts of an interleaved strategy whose first ``tiers`` chunks
-    per rank (stages 0..tiers * pp - 1) hold at most ``held`` layers in all: nearly
-    everything runs in the other v - tiers chunks, so
-    ``sum_r C_r >= (sum_r P_r - sum of those stages) / (v - tiers)``."""
+def spilled_bounds(costs: StepCosts, model: ModelSpec, capacity: float, held: int, tiers) -> list[float]:
+    """Per count k in ``tiers``, a lower bound for the layouts of an interleaved strategy
+    whose first k chunks per rank (stages 0..k * pp - 1) hold at most ``held`` layers in
+    all: nearly everything runs in the other v - k chunks, so
+    ``sum_r C_r >= (sum_r P_r - sum of those stages) / (v - k)``."""
     s = costs.strategy
     v, pp = s.vpp, s.pp
     rec = recomputation(s)
     z = z_floor(costs, model, capacity, v, rec, kappa(pp, v, costs.num_microbatches))
     if not math.isfinite(z):
-        return math.inf
+        return [math.inf for _ in tiers]
     items = costs.items
     stages = pp * v
-    first = items[LayerKind.EMBEDDING].time_s + sum(costs.p2p_s * p2p_transfers(stages, i) for i in range(tiers * pp))
-    first += held * max(items[k].time_s + items[k].recompute_s for k in set(model.decoder_kinds))
-    rest = max(0.0, work_floor(costs, model, rec, v) - first) / (v - tiers)
     a = costs.num_microbatches - 1 / v
-    return a * z + rest + tail_floor(costs, model, recompute=rec is not KEEP) + costs.embedding_sync_s + costs.overhead_s
+    work = work_floor(costs, model, rec, v)
+    layer = max(items[k].time_s + items[k].recompute_s for k in set(model.decoder_kinds))
+    tail = tail_floor(costs, model, recompute=rec is not KEEP)
+    out = []
+    for k in tiers:
+        first = items[LayerKind.EMBEDDING].time_s + sum(costs.p2p_s * p2p_transfers(stages, i) for i in range(k * pp))
+        first += held * layer
+        rest = max(0.0, work - first) / (v - k)
+        out.append(a * z + rest + tail + costs.embedding_sync_s + costs.overhead_s)
+    return out
 
 
 def shapes_bound(costs: StepCosts, model: ModelSpec, capacity: float, vpps: tuple[int, ...], rec: Recomputation) -> float:

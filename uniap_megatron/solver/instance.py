@@ -125,12 +125,6 @@ class Instance:
             parts.append(self.loss)
         return add(parts)
 
-    def mtp_stages(self) -> list[int | None]:
-        """Where the MTP layers may go: any stage of the last chunk."""
-        if not self.mtp_layers:
-            return [None]
-        return list(range((self.vpp - 1) * self.pp, self.num_stages))
-
     # ------------------------------------------------------------ recompute
     def recomputed(self, t):
         """Decoder layers recomputed in a stage of ``t`` layers (array or int)."""

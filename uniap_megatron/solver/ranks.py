@@ -385,7 +385,7 @@ class Ranks:
 
     With a dense prefix of D layers, the state also counts the dense layers the ranks so
     far hold (:meth:`SideCache._moves`): every layout whose prefix ends in the tier's
-    chunks with ``before`` dense layers ahead of them is one path."""
+    chunks is one path."""
 
     def __init__(self, inst: Instance, sides: SideCache):
         self.inst = inst
@@ -814,7 +814,7 @@ def solve_ranks(inst: Instance, cutoff: float = math.inf) -> RanksResult:
     Identical layers are exact. So is a model whose first D layers are of one kind and
     the rest of another (dense layers before MoE ones), in two parts: here the layouts
     whose dense layers lie in the first chunks of the ranks (the master follows them in
-    stage order), and, when their bubble bound (:func:`bounds.spilled_bound`) beats that
+    stage order), and, when their bubble bound (:func:`bounds.spilled_bounds`) beats that
     answer, the others in :func:`solve_later_tiers`. Other mixed models are relaxed
     (every layer at its lightest): a lower bound."""
     assert inst.vpp > 1
@@ -825,7 +825,7 @@ def solve_ranks(inst: Instance, cutoff: float = math.inf) -> RanksResult:
     result = _solve(inst, cutoff, SideCache(inst, _z_limit(inst, cutoff), unit=unit, lead_unit=lead_unit,
                                             dense=dense, exact=True))
     best = cutoff if result.outcome.best is None else min(cutoff, result.bound)
-    later = _spilled(inst, dense - 1, 1)
+    (later,) = _spilled(inst, dense - 1, [1])
     if later >= best * (1 - 1e-12):
         return result
     if result.exact:
@@ -846,7 +846,7 @@ def solve_later_tiers(inst: Instance, cutoff: float = math.inf, calls: int | Non
     many ran."""
     calls = LATER_TIERS_CALLS if calls is None else calls
     dense, lead_unit, unit = _dense_prefix(inst)
-    bounds = [_spilled(inst, dense - 1, tier) for tier in range(1, inst.vpp)]
+    bounds = _spilled(inst, dense - 1, range(1, inst.vpp))
     result, used = None, 0
     for tier, bound in enumerate(bounds, start=1):
         best = cutoff if result is None or result.outcome.best is None else min(cutoff, result.bound)
@@ -867,10 +867,10 @@ LATER_TIERS_CALLS = 300
 only bounded (a few seconds of work; most strategies need far fewer)."""
 
 
-def _spilled(inst: Instance, held: int, tiers: int) -> float:
-    from uniap_megatron.solver.bounds import spilled_bound
+def _spilled(inst: Instance, held: int, tiers) -> list[float]:
+    from uniap_megatron.solver.bounds import spilled_bounds
 
-    return spilled_bound(inst.costs, inst.model, inst.capacity, held, tiers) - inst.constant
+    return [b - inst.constant for b in spilled_bounds(inst.costs, inst.model, inst.capacity, held, tiers)]
 
 
 def _better(a: RanksResult | None, b: RanksResult) -> RanksResult:
