@@ -141,7 +141,7 @@ SEVEN_HEADS = (
         ),
         pytest.param(
             ("solver.max_prefix_calls=-1",),
-            ["solver.max_prefix_calls (-1) must be an integer >= 0."],
+            ["solver.max_prefix_calls (-1) must be a non-negative integer."],
             id="solver-prefix-budget-negative",
         ),
         pytest.param(

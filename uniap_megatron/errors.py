@@ -18,6 +18,15 @@ class InputError(UniapError, ValueError):
     """A configuration value is missing, malformed or inconsistent."""
 
 
+def require_positive_int(field: str, value, *, allow_zero: bool = False) -> None:
+    """An ``InputError`` naming ``field`` unless ``value`` is an integer >= 1 (>= 0 with
+    ``allow_zero``); booleans are not integers here."""
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        need = "a non-negative integer" if allow_zero else "a positive integer"
+        raise InputError(f"{field} ({value!r}) must be {need}.")
+
+
 class InfeasibleError(UniapError):
     """No strategy satisfies the constraints (memory, divisibility, pins)."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from uniap_megatron.errors import InputError
+from uniap_megatron.errors import InputError, require_positive_int
 
 GIB = 1024**3
 
@@ -41,9 +41,7 @@ class ClusterSpec:
 
     def __post_init__(self) -> None:
         for field in ("num_nodes", "gpus_per_node"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"cluster.{field} ({value!r}) must be a positive integer.")
+            require_positive_int(f"cluster.{field}", getattr(self, field))
         for field in (
             "peak_tflops_bf16",
             "memory_gib",

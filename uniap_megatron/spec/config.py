@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from uniap_megatron.errors import InputError
+from uniap_megatron.errors import InputError, require_positive_int
 from uniap_megatron.space.candidates import Pins
 from uniap_megatron.spec.cluster import ClusterSpec
 from uniap_megatron.spec.model import ModelSpec
@@ -32,12 +32,9 @@ class SolverConfig:
     models); past it they are bounded instead of solved, and the gap is reported."""
 
     def __post_init__(self) -> None:
-        least = {"top_k": 1, "max_programs": 1, "max_prefix_calls": 0}
-        for field, low in least.items():
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                what = "a positive integer" if low else "an integer >= 0"
-                raise InputError(f"solver.{field} ({value!r}) must be {what}.")
+        for field in ("top_k", "max_programs"):
+            require_positive_int(f"solver.{field}", getattr(self, field))
+        require_positive_int("solver.max_prefix_calls", self.max_prefix_calls, allow_zero=True)
         value = self.time_limit_s
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise InputError(f"solver.time_limit_s ({value!r}) must be a positive number of seconds.")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
 
-from uniap_megatron.errors import InputError
+from uniap_megatron.errors import InputError, require_positive_int
 
 
 class Normalization(StrEnum):
@@ -76,7 +76,7 @@ class ModelSpec:
             object.__setattr__(self, field, value)
 
         for field in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
-            _require_positive_int(f"model.{field}", getattr(self, field))
+            require_positive_int(f"model.{field}", getattr(self, field))
         fill("normalization", _enum("model.normalization", Normalization, self.normalization))
         fill(
             "position_embedding_type",
@@ -97,14 +97,14 @@ class ModelSpec:
         if self.max_position_embeddings is None:
             fill("max_position_embeddings", self.seq_length)
         for field in ("ffn_hidden_size", "num_query_groups", "kv_channels", "make_vocab_size_divisible_by"):
-            _require_positive_int(f"model.{field}", getattr(self, field))
+            require_positive_int(f"model.{field}", getattr(self, field))
         if self.num_attention_heads % self.num_query_groups:
             raise InputError(
                 f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"model.num_query_groups ({self.num_query_groups})."
             )
         if self.mtp_num_layers is not None:
-            _require_positive_int("model.mtp_num_layers", self.mtp_num_layers, allow_zero=True)
+            require_positive_int("model.mtp_num_layers", self.mtp_num_layers, allow_zero=True)
             if self.mtp_num_layers == 0:
                 fill("mtp_num_layers", None)
         self._check_moe(fill)
@@ -113,8 +113,8 @@ class ModelSpec:
         if self.num_moe_experts in (None, 0):
             fill("num_moe_experts", None)
             return
-        _require_positive_int("model.num_moe_experts", self.num_moe_experts)
-        _require_positive_int("model.moe_router_topk", self.moe_router_topk)
+        require_positive_int("model.num_moe_experts", self.num_moe_experts)
+        require_positive_int("model.moe_router_topk", self.moe_router_topk)
         if self.moe_router_topk > self.num_moe_experts:
             raise InputError(
                 f"model.moe_router_topk ({self.moe_router_topk}) must not exceed "
@@ -132,7 +132,7 @@ class ModelSpec:
                 )
             fill("moe_layer_freq", pattern)
         else:
-            _require_positive_int("model.moe_layer_freq", freq)
+            require_positive_int("model.moe_layer_freq", freq)
 
     # ----------------------------------------------------------------- derived
     @property
@@ -175,13 +175,6 @@ class ModelSpec:
 
     def replace(self, **changes) -> ModelSpec:
         return dataclasses.replace(self, **changes)
-
-
-def _require_positive_int(field: str, value, *, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        need = "a non-negative integer" if allow_zero else "a positive integer"
-        raise InputError(f"{field} ({value!r}) must be {need}.")
 
 
 def _enum(field: str, enum_type: type[StrEnum], value):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from uniap_megatron.errors import InputError
+from uniap_megatron.errors import InputError, require_positive_int
 
 
 class Precision(StrEnum):
@@ -27,9 +27,7 @@ class TrainSpec:
 
     def __post_init__(self) -> None:
         for field in ("global_batch_size", "seq_length"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"train.{field} ({value!r}) must be a positive integer.")
+            require_positive_int(f"train.{field}", getattr(self, field))
         try:
             object.__setattr__(self, "precision", Precision(self.precision))
         except ValueError:
